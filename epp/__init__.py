@@ -1,0 +1,1 @@
+"""inference-epp: a Python endpoint picker for the Gateway API Inference Extension."""

@@ -1,0 +1,85 @@
+"""What the EPP knows about one backend endpoint (a P/D proxy or a model server).
+
+`Endpoint` identity (name, address, port, labels) comes from discovery and is immutable once
+published; the live view (`metrics`) is swapped atomically by the scraper, so schedulers read
+a consistent snapshot without locks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+KV_BACKEND_LABEL = "llm-d.ai/kv-backend"
+ROLE_LABEL = "llm-d.ai/role"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferProfile:
+    """Measured KV-transfer time as a function of KV block count (the Llumnix method).
+
+    `blocks` is strictly increasing; `seconds[i]` is the measured transfer time of `blocks[i]`
+    blocks. `block_tokens` is the number of tokens one block holds.
+    """
+
+    blocks: tuple[int, ...]
+    seconds: tuple[float, ...]
+    block_tokens: int = 16
+    block_bytes: int = 0
+    backend: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMetrics:
+    """One scrape of an endpoint's /metrics. Fields are None when the endpoint does not export them."""
+
+    waiting: float | None = None  # vllm:num_requests_waiting (summed over engines)
+    running: float | None = None  # vllm:num_requests_running
+    kv_cache_usage: float | None = None  # 0..1, vllm:kv_cache_usage_perc (fallback gpu_cache_usage_perc)
+    block_size: int | None = None  # vllm:cache_config_info{block_size}
+    num_gpu_blocks: int | None = None
+    proxy_in_flight: float | None = None  # the P/D proxy's own in-flight requests
+    prefill_tokens_per_second: float | None = None  # measured prefill speed, if exported
+    decode_seconds_per_token: float | None = None  # measured inter-token latency, if exported
+    transfer_profile: TransferProfile | None = None
+    updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
+    error: str | None = None  # last scrape error, if the last attempt failed
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the last successful scrape (inf when never scraped)."""
+        if self.updated_at <= 0:
+            return float("inf")
+        return (time.monotonic() if now is None else now) - self.updated_at
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """A schedulable backend. Compared by identity; `key` is stable across updates."""
+
+    name: str
+    address: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = ""
+    metrics_url: str | None = None  # defaults to http://address:port/metrics
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+
+    @property
+    def hostport(self) -> str:
+        """`ip:port` as Envoy expects it in x-gateway-destination-endpoint (IPv6 bracketed)."""
+        if ":" in self.address and not self.address.startswith("["):
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+    @property
+    def key(self) -> str:
+        """Stable identity used by stateful plugins (namespace/name)."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    @property
+    def kv_backend(self) -> str:
+        return self.labels.get(KV_BACKEND_LABEL, "")
+
+    def scrape_url(self) -> str:
+        return self.metrics_url or f"http://{self.hostport}/metrics"

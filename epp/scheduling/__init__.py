@@ -1,0 +1,1 @@
+"""Scheduling framework: ProfileHandler → Filter → Scorer → Picker, plugins by type name."""

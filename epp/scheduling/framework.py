@@ -1,0 +1,178 @@
+"""The scheduling framework's types: ProfileHandler → Filter → Scorer → Picker.
+
+This module is the contract between the framework and its plugins (`filters/`, `scorers/`,
+the pickers and profile handlers). Plugins import from here; the framework never imports a
+plugin module directly, it finds plugin factories by type name in `epp.scheduling.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+from epp.datastore.endpoint import Endpoint
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    """One parsed inference request, as plugins see it."""
+
+    request_id: str
+    model: str  # the model the client asked for
+    target_model: str  # after x-gateway-model-name-rewrite (== model when not rewritten)
+    api: str  # "completions" | "chat/completions" | "embeddings" | "responses" | "conversations"
+    prompt_tokens: int  # estimate (chars/4 of the user input), never 0 for a non-empty prompt
+    stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-cased names
+    body: Mapping[str, Any] | None = None
+    body_size: int = 0
+    max_tokens: int | None = None  # requested output budget, if any
+    prompt_text: str = ""  # the flattened user input (for prefix hashing); may be truncated
+
+
+class CycleState:
+    """Scratch space shared by the plugins of one scheduling cycle (one request)."""
+
+    __slots__ = ("_data", "notes")
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+        # Free-form, per-plugin notes that end up in the "Scoring decision" log event
+        # (e.g. {"transfer-bandwidth-scorer": {"no_profile": ["ep-a"]}}).
+        self.notes: dict[str, Any] = {}
+
+    def read(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def write(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    type_name: str  # the registered type, e.g. "active-request-scorer"
+    name: str  # the instance name from the config (defaults to type_name)
+
+
+@runtime_checkable
+class Filter(Plugin, Protocol):
+    def filter(
+        self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]
+    ) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class Scorer(Plugin, Protocol):
+    def score(
+        self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[float]:
+        """One raw score per endpoint, aligned with `endpoints`. Clamped to [0,1] by the framework."""
+        ...
+
+
+@dataclass(slots=True)
+class ScoredEndpoint:
+    endpoint: Endpoint
+    score: float
+
+
+@runtime_checkable
+class Picker(Plugin, Protocol):
+    def pick(
+        self, state: CycleState, request: LLMRequest, scored: Sequence[ScoredEndpoint]
+    ) -> list[Endpoint]:
+        """Ordered picks, primary first (at most the picker's maxNumOfEndpoints)."""
+        ...
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float = 1.0
+
+
+@dataclass(slots=True)
+class SchedulerProfile:
+    name: str
+    filters: list[Filter] = field(default_factory=list)
+    scorers: list[WeightedScorer] = field(default_factory=list)
+    picker: Picker | None = None
+
+
+@dataclass(slots=True)
+class ProfileRunResult:
+    """What one profile produced, including everything the decision log shows."""
+
+    profile: str
+    targets: list[Endpoint]  # picked, primary first; empty when the profile failed
+    candidates: list[Endpoint]  # the endpoints the profile started from
+    filtered_out: dict[str, list[str]] = field(default_factory=dict)  # filter name -> endpoint keys
+    raw_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer name -> key -> raw
+    weighted_totals: dict[str, float] = field(default_factory=dict)  # endpoint key -> Σ w·clamp(s)
+    picker: str = ""
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    primary_profile: str
+    profile_results: dict[str, ProfileRunResult]
+
+    @property
+    def primary(self) -> ProfileRunResult:
+        return self.profile_results[self.primary_profile]
+
+    @property
+    def targets(self) -> list[Endpoint]:
+        return self.primary.targets
+
+
+@runtime_checkable
+class ProfileHandler(Plugin, Protocol):
+    def pick_profiles(
+        self,
+        state: CycleState,
+        request: LLMRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileRunResult],
+    ) -> list[SchedulerProfile]:
+        """Profiles to run next; an empty list ends the scheduling loop."""
+        ...
+
+    def process_results(
+        self, state: CycleState, request: LLMRequest, results: Mapping[str, ProfileRunResult]
+    ) -> SchedulingResult: ...
+
+
+# -- request lifecycle hooks (optional; a plugin implementing them is called automatically) ----
+
+
+@runtime_checkable
+class PreRequest(Protocol):
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+        """Called once the request is scheduled and about to be forwarded."""
+        ...
+
+
+@runtime_checkable
+class ResponseComplete(Protocol):
+    def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
+        """Called exactly once per scheduled request when it ends.
+
+        `outcome` is one of "success", "error" (upstream non-2xx), "cancelled" (client disconnect
+        or stream reset) or "timeout".
+        """
+        ...
+
+
+class SchedulingError(Exception):
+    """Scheduling failed; `code` is a GIE error code (ResourceExhausted, ServiceUnavailable, …)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ConfigError(ValueError):
+    """A plugin or profile configuration is invalid; the message tells the user what to change."""

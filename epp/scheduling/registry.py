@@ -1,0 +1,89 @@
+"""Plugin factories by type name.
+
+Plugin packages register themselves with `@register("type-name", aliases=...)`. The framework
+imports them through the `inference_epp.plugins` entry-point group (see pyproject.toml), so
+`epp` never names a plugin module and third-party packages can add plugins the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Mapping
+
+from epp.scheduling.framework import ConfigError, Plugin
+
+ENTRY_POINT_GROUP = "inference_epp.plugins"
+# Plugin modules shipped with the project; used when the distribution is not installed
+# (running from a source checkout) so entry points are missing.
+BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "filters", "scorers")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What a factory may use besides its parameters: shared services of the running EPP."""
+
+    datastore: Any = None  # epp.datastore.Datastore
+    services: Mapping[str, Any] | None = None  # named shared objects (e.g. "clock", "rng")
+
+
+Factory = Callable[[str, Mapping[str, Any], PluginContext], Plugin]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    type_name: str
+    factory: Factory
+    deprecated_alias_of: str | None = None
+
+
+_REGISTRY: dict[str, Registration] = {}
+_loaded = False
+
+
+def register(type_name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+    """Register a factory `(name, parameters, context) -> plugin` under `type_name` (and aliases)."""
+
+    def deco(factory: Factory) -> Factory:
+        _REGISTRY[type_name] = Registration(type_name, factory)
+        for alias in aliases:
+            _REGISTRY[alias] = Registration(alias, factory, deprecated_alias_of=type_name)
+        return factory
+
+    return deco
+
+
+def load_plugins() -> None:
+    """Import every plugin module once (entry points, then the built-in list as a fallback)."""
+    global _loaded
+    if _loaded:
+        return
+    seen: set[str] = set()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        seen.add(ep.value)
+        ep.load()
+    for mod in BUILTIN_PLUGIN_MODULES:
+        if mod not in seen:
+            importlib.import_module(mod)
+    _loaded = True
+
+
+def lookup(type_name: str) -> Registration:
+    load_plugins()
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown plugin type {type_name!r}; known types: {known}") from None
+
+
+def known_types() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def create(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> Plugin:
+    reg = lookup(type_name)
+    plugin = reg.factory(name, dict(parameters or {}), ctx)
+    return plugin
