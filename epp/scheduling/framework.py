@@ -117,6 +117,7 @@ class ProfileRunResult:
 class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult]
+    notes: dict[str, Any] = field(default_factory=dict)  # CycleState.notes of the cycle (for the decision log)
 
     @property
     def primary(self) -> ProfileRunResult:
@@ -168,10 +169,11 @@ class ResponseComplete(Protocol):
 class SchedulingError(Exception):
     """Scheduling failed; `code` is a GIE error code (ResourceExhausted, ServiceUnavailable, …)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, result: "SchedulingResult | None" = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.result = result  # what the profiles did before failing (filters that emptied the set, …)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,1 @@
+"""Logs (structlog JSON), Prometheus metrics and the "Scoring decision" event."""

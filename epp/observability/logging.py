@@ -1,0 +1,66 @@
+"""JSON logging with structlog, shared by the EPP and every other component of the project.
+
+orjson renders the events because the EPP writes one line per request on the hot path.
+Verbosity follows the Go EPP's `-v`: 2 (default) = info, 3 and above = debug.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from typing import IO, Any
+
+import orjson
+import structlog
+
+
+def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
+    return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS)
+
+
+def level_for_verbosity(verbosity: int) -> int:
+    return logging.DEBUG if verbosity >= 3 else logging.INFO
+
+
+def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = None, component: str | None = None) -> None:
+    """Route structlog to `stream` (default stderr) as one JSON object per line.
+
+    Every event has `ts` (ISO-8601 UTC), `level` and `msg`; `component` is added when given.
+    """
+    out = stream if stream is not None else sys.stderr
+    binary = getattr(out, "buffer", None)
+    target = binary if binary is not None else out
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        structlog.processors.EventRenamer("msg"),
+        structlog.processors.format_exc_info,
+    ]
+    if component:
+        processors.insert(0, _add_component(component))
+    if binary is None and isinstance(out, io.TextIOBase):
+        processors.append(structlog.processors.JSONRenderer(serializer=lambda o, **kw: _orjson_dumps(o).decode()))
+        factory: Any = structlog.PrintLoggerFactory(target)
+    else:
+        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
+        factory = structlog.BytesLoggerFactory(target)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
+
+
+def _add_component(component: str):
+    def processor(_logger: Any, _name: str, event: dict) -> dict:
+        event.setdefault("component", component)
+        return event
+
+    return processor
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name) if name else structlog.get_logger()

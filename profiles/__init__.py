@@ -1,0 +1,1 @@
+"""Named EndpointPickerConfig files, selected with --config-profile NAME (or EPP_CONFIG_PROFILE)."""
