@@ -38,6 +38,7 @@ def parse_duration(value: str | int | float) -> float:
 
 def format_duration(seconds: float) -> str:
     """The shortest Go-style spelling, for --help defaults and logs."""
+    seconds = float(seconds)
     if seconds == 0:
         return "0s"
     if seconds < 1 and (seconds * 1000).is_integer():
