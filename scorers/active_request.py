@@ -1,0 +1,111 @@
+"""active-request-scorer: prefers endpoints with fewer requests in flight through this EPP.
+
+Counts rise when a request is scheduled (PreRequest, for every endpoint any profile picked)
+and fall exactly once when it ends: response done, client disconnect, stream reset, or the
+`requestTimeout` safety net for requests whose end was never seen.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from epp.datastore.endpoint import Endpoint
+from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, SchedulingResult
+from epp.scheduling.registry import PluginContext, register
+from epp.util.duration import parse_duration
+
+DEFAULT_REQUEST_TIMEOUT = 120.0
+
+
+class ActiveRequestScorer:
+    type_name = "active-request-scorer"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        idle_threshold: int = 0,
+        max_busy_score: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.request_timeout = request_timeout
+        self.idle_threshold = idle_threshold
+        self.max_busy_score = max_busy_score
+        self.clock = clock
+        self.counts: dict[str, int] = {}
+        self._inflight: dict[int, tuple[tuple[str, ...], float]] = {}  # id(request) -> (keys, deadline)
+        self._next_purge = clock() + request_timeout
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        if self.clock() >= self._next_purge:
+            self.purge_expired()
+        counts = self.counts
+        if not counts:
+            return [1.0] * len(endpoints)
+        max_count = max(counts.values())  # over every tracked endpoint, as the Go plugin does
+        idle, busy = self.idle_threshold, self.max_busy_score
+        out = []
+        for e in endpoints:
+            c = counts.get(e.key, 0)
+            out.append(1.0 if c <= idle else (max_count - c) / max_count * busy)
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+        keys = tuple({e.key: None for r in result.profile_results.values() for e in r.targets})
+        if not keys or id(request) in self._inflight:
+            return
+        self._inflight[id(request)] = (keys, self.clock() + self.request_timeout)
+        for k in keys:
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
+        entry = self._inflight.pop(id(request), None)
+        if entry is not None:
+            self._release(entry[0])
+
+    def purge_expired(self) -> int:
+        now = self.clock()
+        expired = [rid for rid, (_, deadline) in self._inflight.items() if deadline <= now]
+        for rid in expired:
+            self._release(self._inflight.pop(rid)[0])
+        self._next_purge = now + min(self.request_timeout, 10.0)
+        return len(expired)
+
+    def forget_endpoint(self, endpoint: Endpoint) -> None:
+        self.counts.pop(endpoint.key, None)
+
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def _release(self, keys: tuple[str, ...]) -> None:
+        for k in keys:
+            c = self.counts.get(k, 0) - 1
+            if c > 0:
+                self.counts[k] = c
+            else:
+                self.counts.pop(k, None)
+
+
+@register("active-request-scorer")
+def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> ActiveRequestScorer:
+    try:
+        timeout = parse_duration(parameters.get("requestTimeout", DEFAULT_REQUEST_TIMEOUT))
+    except ValueError as e:
+        raise ConfigError(f"plugin {name!r}: requestTimeout: {e}") from None
+    idle = parameters.get("idleThreshold", 0)
+    if not isinstance(idle, int) or isinstance(idle, bool) or idle < 0:
+        raise ConfigError(f"plugin {name!r}: idleThreshold must be an integer >= 0, got {idle!r}")
+    busy = parameters.get("maxBusyScore", 1.0)
+    if not isinstance(busy, (int, float)) or isinstance(busy, bool) or not 0.0 <= busy <= 1.0:
+        raise ConfigError(f"plugin {name!r}: maxBusyScore must be a number in [0, 1], got {busy!r}")
+    if timeout <= 0:
+        raise ConfigError(f"plugin {name!r}: requestTimeout must be positive")
+    scorer = ActiveRequestScorer(name, request_timeout=timeout, idle_threshold=idle, max_busy_score=float(busy))
+    if ctx.datastore is not None:
+        ctx.datastore.on_removal(scorer.forget_endpoint)
+    return scorer
