@@ -29,3 +29,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
 @pytest.fixture
 def port_factory() -> Callable[[], int]:
     return free_port
+
+
+async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """`wait_until` for async tests: sleeps on the event loop so servers in-process keep running."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,163 @@
+"""`epp`: serve (the default), profiles list|show|validate, decisions.
+
+Flags are spelled as the Go EPP spells them and parsed the Go way too: `-grpc-port 9002`,
+`--grpc-port=9002` and `--secure-serving=false` all work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Sequence
+
+from epp.util.duration import format_duration, parse_duration
+
+_TRUE = {"1", "t", "true", "yes", "y", "on"}
+_FALSE = {"0", "f", "false", "no", "n", "off"}
+
+
+def go_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}; use true or false")
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def normalize_go_flags(argv: Sequence[str]) -> list[str]:
+    """`-grpc-port` → `--grpc-port` (Go's flag package accepts one or two dashes); `-v=3` stays short."""
+    out = []
+    for a in argv:
+        if a.startswith("-") and not a.startswith("--") and len(a) > 2 and a[2] != "=" and not a[1:].lstrip("-").isdigit():
+            out.append("-" + a)
+        else:
+            out.append(a)
+    return out
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="epp serve",
+        description="Run the endpoint picker: an Envoy ext_proc server that routes each LLM request to a P/D proxy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("servers")
+    g.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
+    g.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port (grpc.health.v1)")
+    g.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
+    g.add_argument("--bind-address", default="0.0.0.0", help="address every server listens on")
+    g.add_argument("--secure-serving", type=go_bool, nargs="?", const=True, default=True,
+                   help="serve ext_proc over TLS (self-signed unless --cert-path)")
+    g.add_argument("--cert-path", default=None, help="directory holding tls.crt and tls.key for --secure-serving")
+    g.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity: 2 info, 3+ debug")
+    g = p.add_argument_group("endpoints")
+    g.add_argument("--endpoints-file", default=None, help="static endpoints YAML (reloaded on change); the local default")
+    g.add_argument("--pool-name", default="", help="InferencePool to discover endpoints from (Kubernetes)")
+    g.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE", "default"), help="namespace of the InferencePool")
+    g.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    g.add_argument("--disable-endpoint-subset-filter", type=go_bool, nargs="?", const=True, default=False,
+                   help="ignore Envoy's envoy.lb.subset_hint")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--config-file", default=None, help="EndpointPickerConfig YAML file")
+    g.add_argument("--config-text", default=None, help="EndpointPickerConfig YAML given inline")
+    g.add_argument("--config-profile", default=os.environ.get("EPP_CONFIG_PROFILE"),
+                   help="named profile from profiles/ (env EPP_CONFIG_PROFILE; `default` when nothing is given)")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger request bodies are refused with 413 without being buffered")
+    g.add_argument("--request-timeout", type=_duration, default=600.0,
+                   help="per-request state is released after this long even if the stream never ends (Go duration)")
+    g.add_argument("--refresh-metrics-interval", type=_duration, default=0.05,
+                   help="how often endpoint /metrics are scraped, when a plugin needs them (Go duration)")
+    g.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
+                   help="endpoint metrics older than this are reported stale (Go duration)")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from epp.server import EPPServer, ServerOptions
+
+    options = ServerOptions(
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        bind_address=args.bind_address,
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        config_file=args.config_file,
+        config_text=args.config_text,
+        config_profile=args.config_profile,
+        endpoints_file=args.endpoints_file,
+        kubeconfig=args.kubeconfig,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        max_request_body_bytes=args.max_request_body_bytes,
+        request_timeout=args.request_timeout,
+        disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold,
+    )
+    server = EPPServer(options)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    from epp.observability.logging import configure_logging
+    from epp.scheduling.framework import ConfigError
+
+    args = serve_parser().parse_args(normalize_go_flags(argv))
+    configure_logging(args.verbosity, component="epp")
+    try:
+        return asyncio.run(_serve(args))
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"epp: {e}", file=sys.stderr)
+        return 2
+
+
+USAGE = """usage: epp [serve] [flags]          run the endpoint picker (see `epp serve --help`)
+       epp profiles list              named config profiles
+       epp profiles show NAME         print a profile's YAML
+       epp profiles validate FILE     check an EndpointPickerConfig (file:line errors)
+       epp decisions [FILE|-]         summarise `Scoring decision` logs
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv and argv[0] == "profiles":
+        from epp.config.cli import profiles_main
+
+        return profiles_main(argv[1:])
+    if argv and argv[0] == "decisions":
+        from epp.observability.decisions_summary import main as decisions_main
+
+        return decisions_main(argv[1:])
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    return serve_main(argv)
+
+
+__all__ = ["main", "serve_parser", "go_bool", "normalize_go_flags", "format_duration"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`epp decisions [FILE|-]`: the seed's `rg 'Scoring decision' | sort | uniq -c`, done properly.
+
+Reads JSON log lines (other lines are skipped), and prints the selection split per endpoint and
+per kv-backend label, failures by code, and the distribution of each scorer's raw score and of
+the winning totals. `--json` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter, defaultdict
+from typing import IO, Any, Iterable, Sequence
+
+from epp.observability.decision_log import DECISION_MSG, FAILURE_MSG
+
+
+def summarize(lines: Iterable[str]) -> dict[str, Any]:
+    by_endpoint: Counter[str] = Counter()
+    by_backend: Counter[str] = Counter()
+    by_profile: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    scorer_values: dict[str, list[float]] = defaultdict(list)
+    winning: list[float] = []
+    filtered: Counter[str] = Counter()
+    decisions = 0
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("{") or "Scor" not in line and "Scheduling failed" not in line:
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        m = ev.get("msg") or ev.get("event")
+        if m == DECISION_MSG:
+            decisions += 1
+            by_endpoint[ev.get("selected_name") or ev.get("selected", "?")] += 1
+            by_backend[ev.get("kv_backend", "none")] += 1
+            by_profile[ev.get("profile", "?")] += 1
+            sel = ev.get("selected_name")
+            for key, per in (ev.get("scores") or {}).items():
+                for scorer, value in per.items():
+                    scorer_values[scorer].append(float(value))
+            totals = ev.get("totals") or {}
+            if sel in totals:
+                winning.append(float(totals[sel]))
+            for flt in ev.get("filtered_out") or {}:
+                filtered[flt] += 1
+        elif m == FAILURE_MSG:
+            failures[ev.get("error_code", "?")] += 1
+    return {
+        "decisions": decisions,
+        "failures": dict(failures),
+        "by_endpoint": dict(by_endpoint.most_common()),
+        "by_kv_backend": dict(by_backend.most_common()),
+        "by_profile": dict(by_profile.most_common()),
+        "filters_removing": dict(filtered),
+        "scores": {name: _stats(v) for name, v in sorted(scorer_values.items())},
+        "winning_total": _stats(winning),
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+    q = lambda p: v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]  # noqa: E731
+    return {"n": len(v), "min": v[0], "p50": q(0.5), "p90": q(0.9), "max": v[-1], "mean": round(statistics.fmean(v), 4)}
+
+
+def _split(title: str, counts: dict[str, int], total: int, out: IO[str]) -> None:
+    print(title, file=out)
+    for k, n in counts.items():
+        pct = 100.0 * n / total if total else 0.0
+        print(f"  {n:7d}  {pct:5.1f}%  {k}", file=out)
+
+
+def render(s: dict[str, Any], out: IO[str]) -> None:
+    n = s["decisions"]
+    nf = sum(s["failures"].values())
+    print(f"{n} scoring decisions, {nf} scheduling failures", file=out)
+    if n:
+        _split("selected endpoint:", s["by_endpoint"], n, out)
+        _split("selected kv-backend:", s["by_kv_backend"], n, out)
+        if len(s["by_profile"]) > 1:
+            _split("profile:", s["by_profile"], n, out)
+    if nf:
+        _split("failures by code:", s["failures"], nf, out)
+    if s["filters_removing"]:
+        _split("filters that removed endpoints (decisions):", s["filters_removing"], n, out)
+    if s["scores"]:
+        print("raw scores (all candidates):", file=out)
+        for name, st in s["scores"].items():
+            print(f"  {name:32} n={st['n']} min={st['min']:.3f} p50={st['p50']:.3f} p90={st['p90']:.3f} max={st['max']:.3f} mean={st['mean']:.3f}", file=out)
+    if s["winning_total"]:
+        st = s["winning_total"]
+        print(f"winning weighted total: min={st['min']:.3f} p50={st['p50']:.3f} max={st['max']:.3f}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="epp decisions", description="Summarise `Scoring decision` log lines.")
+    p.add_argument("file", nargs="?", default="-", help="log file, or - for stdin (default)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.file == "-":
+        summary = summarize(sys.stdin)
+    else:
+        try:
+            with open(args.file, encoding="utf-8", errors="replace") as f:
+                summary = summarize(f)
+        except OSError as e:
+            print(f"epp decisions: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        render(summary, sys.stdout)
+    return 0
