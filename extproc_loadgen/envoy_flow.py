@@ -7,6 +7,8 @@ STREAMED: headers, wait; each chunk, wait for its reply. The response path mirro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -104,7 +106,10 @@ class EnvoyStream:
         self.res = FlowResult()
 
     async def _read(self) -> pb.ProcessingResponse | None:
-        r = await self.call.read()
+        try:
+            r = await self.call.read()
+        except grpc.aio.AioRpcError:
+            return None
         if r is grpc.aio.EOF:
             return None
         self.res.replies += 1
@@ -129,18 +134,24 @@ class EnvoyStream:
             return res
         chunks = body_messages(body, chunk)
         if self.mode == "FULL_DUPLEX_STREAMED":
-            for m in chunks:
-                await call.write(m)
-            while True:
-                r = await self._read()
-                if r is None or res.immediate is not None:
-                    return res
-                if r.HasField("request_headers"):
-                    res.header_reply = r
-                    _apply_common(res, r.request_headers.response)
-                elif r.HasField("request_body"):
-                    if _apply_body(res, r.request_body.response, b"", True):
+            # Envoy writes body chunks as they arrive and reads replies at the same time.
+            writer = asyncio.create_task(self._write_all(chunks))
+            try:
+                while True:
+                    r = await self._read()
+                    if r is None or res.immediate is not None:
                         return res
+                    if r.HasField("request_headers"):
+                        res.header_reply = r
+                        _apply_common(res, r.request_headers.response)
+                    elif r.HasField("request_body"):
+                        if _apply_body(res, r.request_body.response, b"", True):
+                            return res
+            finally:
+                if not writer.done():
+                    writer.cancel()
+                with contextlib.suppress(BaseException):
+                    await writer
         r = await self._read()  # BUFFERED / STREAMED: the headers reply comes first
         if r is None or res.immediate is not None:
             return res
@@ -156,6 +167,13 @@ class EnvoyStream:
             _apply_common(res, r.request_body.response)
             _apply_body(res, r.request_body.response, m.request_body.body, True)
         return res
+
+    async def _write_all(self, messages: Sequence[pb.ProcessingRequest]) -> None:
+        for m in messages:
+            try:
+                await self.call.write(m)
+            except Exception:
+                return  # the server ended the stream early (an ImmediateResponse is on its way)
 
     async def send_response(self, status: int, body_chunks: Sequence[bytes], content_type: str = "application/json") -> FlowResult:
         res, call = self.res, self.call

@@ -224,8 +224,13 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
         try:
             instances[name] = registry.create(p["type"], name, p.get("parameters") or {}, ctx)
         except ConfigError as e:
-            field_path = ("plugins", i, "type") if "unknown plugin type" in str(e) else ("plugins", i, "parameters")
-            raise cfg.error(field_path, str(e)) from None
+            text = str(e)
+            field_path: tuple = ("plugins", i, "type") if "unknown plugin type" in text else ("plugins", i, "parameters")
+            for key in p.get("parameters") or {}:
+                if f": {key} " in text or f": {key}:" in text or f": {key}." in text:
+                    field_path = ("plugins", i, "parameters", key)  # point at the offending parameter's line
+                    break
+            raise cfg.error(field_path, text) from None
     handlers = [p for p in instances.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise cfg.error(("plugins",), f"only one profile handler may be configured, found {[h.name for h in handlers]}")
