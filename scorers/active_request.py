@@ -36,7 +36,7 @@ class ActiveRequestScorer:
         self.max_busy_score = max_busy_score
         self.clock = clock
         self.counts: dict[str, int] = {}
-        self._inflight: dict[int, tuple[tuple[str, ...], float]] = {}  # id(request) -> (keys, deadline)
+        self._inflight: dict[int, tuple[tuple[str, ...], float, LLMRequest]] = {}  # id(request) -> (keys, deadline, request)
         self._next_purge = clock() + request_timeout
 
     # -- scoring ----------------------------------------------------------------------------------
@@ -59,7 +59,8 @@ class ActiveRequestScorer:
         keys = tuple({e.key: None for r in result.profile_results.values() for e in r.targets})
         if not keys or id(request) in self._inflight:
             return
-        self._inflight[id(request)] = (keys, self.clock() + self.request_timeout)
+        # the entry holds the request itself so its id cannot be reused while it is tracked
+        self._inflight[id(request)] = (keys, self.clock() + self.request_timeout, request)
         for k in keys:
             self.counts[k] = self.counts.get(k, 0) + 1
 
@@ -70,7 +71,7 @@ class ActiveRequestScorer:
 
     def purge_expired(self) -> int:
         now = self.clock()
-        expired = [rid for rid, (_, deadline) in self._inflight.items() if deadline <= now]
+        expired = [rid for rid, (_, deadline, _r) in self._inflight.items() if deadline <= now]
         for rid in expired:
             self._release(self._inflight.pop(rid)[0])
         self._next_purge = now + min(self.request_timeout, 10.0)
