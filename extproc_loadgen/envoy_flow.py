@@ -116,9 +116,8 @@ class EnvoyStream:
         if r.HasField("immediate_response"):
             self.res.immediate = r.immediate_response
         if r.HasField("dynamic_metadata"):
-            from google.protobuf.json_format import MessageToDict
-
-            self.res.metadata.update(MessageToDict(r.dynamic_metadata))
+            for ns, value in r.dynamic_metadata.fields.items():
+                self.res.metadata[ns] = {k: v.string_value for k, v in value.struct_value.fields.items()}
         return r
 
     async def send_request(self, headers: dict[str, str], body: bytes | None, chunk: int = 16384,

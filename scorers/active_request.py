@@ -47,12 +47,8 @@ class ActiveRequestScorer:
         if not counts:
             return [1.0] * len(endpoints)
         max_count = max(counts.values())  # over every tracked endpoint, as the Go plugin does
-        idle, busy = self.idle_threshold, self.max_busy_score
-        out = []
-        for e in endpoints:
-            c = counts.get(e.key, 0)
-            out.append(1.0 if c <= idle else (max_count - c) / max_count * busy)
-        return out
+        idle, scale, get = self.idle_threshold, self.max_busy_score / max_count, counts.get
+        return [1.0 if (c := get(e.key, 0)) <= idle else (max_count - c) * scale for e in endpoints]
 
     # -- lifecycle --------------------------------------------------------------------------------
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:

@@ -64,18 +64,18 @@ class Endpoint:
     namespace: str = ""
     metrics_url: str | None = None  # defaults to http://address:port/metrics
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    # Computed once: the scheduler reads both for every candidate of every request.
+    key: str = field(init=False, repr=False, compare=False)
+    hostport: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def hostport(self) -> str:
-        """`ip:port` as Envoy expects it in x-gateway-destination-endpoint (IPv6 bracketed)."""
+    def __post_init__(self) -> None:
+        # `key`: stable identity used by stateful plugins (namespace/name).
+        self.key = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        # `hostport`: ip:port as Envoy expects it in x-gateway-destination-endpoint (IPv6 bracketed).
         if ":" in self.address and not self.address.startswith("["):
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
-
-    @property
-    def key(self) -> str:
-        """Stable identity used by stateful plugins (namespace/name)."""
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+            self.hostport = f"[{self.address}]:{self.port}"
+        else:
+            self.hostport = f"{self.address}:{self.port}"
 
     @property
     def kv_backend(self) -> str:

@@ -43,6 +43,7 @@ class Director:
     disable_subset_filter: bool = False
     rng: random.Random = field(default_factory=random.Random)
     inflight: dict[int, InFlight] = field(default_factory=dict)
+    _selections: dict[str, Any] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger("epp.director"))
 
     # -- candidates -----------------------------------------------------------------------------
@@ -66,29 +67,33 @@ class Director:
     def schedule(self, request: LLMRequest, subset: Sequence[str] | None) -> InFlight:
         """Schedule, run PreRequest hooks, log the decision. Raises SchedulingError (logged, counted)."""
         m = self.metrics
-        m.request_total.labels(request.model, request.target_model).inc()
-        m.request_sizes.labels(request.model, request.target_model).observe(request.body_size)
+        series = m.model(request.model, request.target_model)
+        series.request_total.inc()
+        series.request_sizes.observe(request.body_size)
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(request, self.candidates(subset))
         except SchedulingError as e:
-            m.scheduler_e2e.observe(time.perf_counter() - t0)
+            m.scheduler_e2e.observe((), time.perf_counter() - t0)
             self.fail(request, e)
             raise
-        m.scheduler_e2e.observe(time.perf_counter() - t0)
+        m.scheduler_e2e.observe((), time.perf_counter() - t0)
         self.scheduler.pre_request(request, result)
         flight = InFlight(request, result, time.monotonic())
         self.inflight[id(request)] = flight
-        m.running_requests.labels(request.model).inc()
+        series.running.inc()
         primary = result.targets[0]
-        m.selections.labels(primary.hostport, primary.kv_backend or "none").inc()
+        sel = self._selections.get(primary.hostport)
+        if sel is None:
+            sel = self._selections[primary.hostport] = m.selections.labels(primary.hostport, primary.kv_backend or "none")
+        sel.inc()
         self.log.info(DECISION_MSG, **decision_fields(request, result, self.config_profile))
         return flight
 
     def fail(self, request: LLMRequest | None, error: SchedulingError) -> None:
         model = request.model if request else ""
         target = request.target_model if request else ""
-        self.metrics.request_error_total.labels(model, target, error.code).inc()
+        self.metrics.model(model, target).error(error.code).inc()
         self.log.warning(FAILURE_MSG, **failure_fields(request, error, self.config_profile))
 
     # -- completion -----------------------------------------------------------------------------
@@ -99,20 +104,19 @@ class Director:
         flight.finished = True
         self.inflight.pop(id(flight.request), None)
         req = flight.request
-        m = self.metrics
-        m.running_requests.labels(req.model).dec()
-        labels = (req.model, req.target_model)
+        series = self.metrics.model(req.model, req.target_model)
+        series.running.dec()
         if outcome == "success":
             elapsed = time.monotonic() - flight.started
-            m.request_duration.labels(*labels).observe(elapsed)
-            m.response_sizes.labels(*labels).observe(flight.response_bytes)
-            if flight.input_tokens is not None:
-                m.input_tokens.labels(*labels).observe(flight.input_tokens)
-            if flight.output_tokens:
-                m.output_tokens.labels(*labels).observe(flight.output_tokens)
-                m.normalized_ttft.labels(*labels).observe(elapsed / flight.output_tokens)
+            series.request_duration.observe(elapsed)
+            series.response_sizes.observe(flight.response_bytes)
+            if isinstance(flight.input_tokens, int):
+                series.input_tokens.observe(flight.input_tokens)
+            if isinstance(flight.output_tokens, int) and flight.output_tokens > 0:
+                series.output_tokens.observe(flight.output_tokens)
+                series.normalized_tpot.observe(elapsed / flight.output_tokens)
         elif outcome == "error":
-            m.request_error_total.labels(*labels, "ModelServerError").inc()
+            series.error("ModelServerError").inc()
         if flight.result is not None:
             self.scheduler.response_complete(req, flight.result, outcome)
         if outcome != "success":

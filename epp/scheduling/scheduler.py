@@ -32,12 +32,6 @@ NO_CANDIDATES = "failed to find endpoint candidates for serving the request"
 _log = get_logger("epp.scheduler")
 
 
-def _clamp(x: float) -> float:
-    if x != x:  # NaN counts as "no opinion"
-        return 0.0
-    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
-
-
 class Scheduler:
     def __init__(
         self,
@@ -110,6 +104,7 @@ class Scheduler:
             if not endpoints:
                 run.error = f"filter {flt.name!r} removed every endpoint"
                 return run
+        keys = [e.key for e in endpoints]
         totals = [0.0] * len(endpoints)
         for ws in prof.scorers:
             scorer = ws.scorer
@@ -121,22 +116,23 @@ class Scheduler:
                 raise SchedulingError(
                     "Internal", f"scorer {scorer.name!r} returned {len(raw)} scores for {len(endpoints)} endpoints"
                 )
+            # clamp to [0,1]; NaN fails `x > 0.0` and counts as 0
+            clamped = [(1.0 if x > 1.0 else x) if x > 0.0 else 0.0 for x in raw]
             w = ws.weight
-            per = {}
-            for i, (ep, s) in enumerate(zip(endpoints, raw)):
-                s = _clamp(float(s))
-                per[ep.key] = s
-                totals[i] += s * w
-            run.raw_scores[scorer.name] = per
-        run.weighted_totals = {ep.key: t for ep, t in zip(endpoints, totals)}
+            totals = [t + c for t, c in zip(totals, clamped)] if w == 1.0 else [t + w * c for t, c in zip(totals, clamped)]
+            run.raw_scores[scorer.name] = dict(zip(keys, clamped))
+        run.weighted_totals = dict(zip(keys, totals))
         picker = prof.picker
         if picker is None:
             run.error = f"profile {prof.name!r} has no picker"
             return run
         run.picker = picker.name
-        scored = [ScoredEndpoint(ep, t) for ep, t in zip(endpoints, totals)]
         t0 = time.perf_counter()
-        run.targets = picker.pick(state, request, scored)
+        fast = getattr(picker, "pick_totals", None)
+        if fast is not None:  # pickers that can work on parallel lists skip building ScoredEndpoints
+            run.targets = fast(state, request, endpoints, totals)
+        else:
+            run.targets = picker.pick(state, request, [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals)])
         if obs:
             obs("Picker", picker.type_name, picker.name, time.perf_counter() - t0)
         if not run.targets:
