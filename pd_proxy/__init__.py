@@ -1,0 +1,1 @@
+"""The vLLM P/D proxy (`vllm-p2p-proxy` / `vllm-fs-proxy`): what the EPP routes to."""

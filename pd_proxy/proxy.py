@@ -1,0 +1,301 @@
+"""The P/D proxy: prefill with max_tokens=1, then the original request to decode, streamed back.
+
+Two modes, one program: `p2p-nccl` (vLLM's P2pNcclConnector: the request id names both KV
+addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as X-Request-Id to both) and
+`shared-storage` (vLLM's shared-storage/Example connector: same order, ids name the services).
+What the reference proxies lack is here: pooled connections, timeouts, upstream errors as
+OpenAI-style JSON with a meaningful status, a failed prefill reported (or, if enabled, served
+decode-only), and a client disconnect cancelling both legs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pd_proxy.metrics import ProxyMetrics
+
+MODES = ("p2p-nccl", "shared-storage")
+
+
+@dataclass
+class Instance:
+    """A prefill or decode vLLM: its HTTP base URL and (p2p-nccl) its KV address."""
+
+    url: str
+    kv_addr: str = ""
+    in_flight: int = 0
+    healthy: bool = True
+
+    @classmethod
+    def parse(cls, spec: str) -> "Instance":
+        """`http://host:port` or `http://host:port=kvhost:kvport`."""
+        url, _, kv = spec.partition("=")
+        if not url.startswith(("http://", "https://")):
+            url = "http://" + url
+        return cls(url.rstrip("/"), kv)
+
+
+@dataclass
+class ProxyConfig:
+    mode: str
+    prefills: list[Instance]
+    decodes: list[Instance]
+    kv_backend: str = ""  # the label value this proxy stands for: nvlink | fs
+    prefill_service: str = "vllm-prefill"
+    decode_service: str = "vllm-decode"
+    connect_timeout: float = 5.0
+    prefill_timeout: float = 300.0
+    decode_timeout: float = 3600.0
+    fallback_decode_only: bool = False
+    profile_file: str | None = None
+    scrape_interval: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "UpstreamError") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"object": "error", "error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+class PDProxy:
+    def __init__(self, cfg: ProxyConfig) -> None:
+        if cfg.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}")
+        if not cfg.prefills or not cfg.decodes:
+            raise ValueError("give at least one --prefill and one --decode instance")
+        if cfg.mode == "p2p-nccl":
+            missing = [i.url for i in cfg.prefills + cfg.decodes if not i.kv_addr]
+            if missing:
+                raise ValueError(f"p2p-nccl mode needs each instance as URL=KV_HOST:KV_PORT; missing for {', '.join(missing)}")
+        self.cfg = cfg
+        self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
+        self.profile: dict | None = None
+        if cfg.profile_file:
+            self.load_profile(cfg.profile_file)
+        self.session: aiohttp.ClientSession | None = None
+        self._scraper: asyncio.Task | None = None
+
+    def load_profile(self, path: str) -> None:
+        self.profile = json.loads(Path(path).read_text())
+        self.metrics.publish_profile(self.profile)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/kv-transfer-profile", self.profile_handler)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout))
+        self._scraper = asyncio.create_task(self._scrape_loop())
+
+    async def _stop(self, app: web.Application) -> None:
+        if self._scraper:
+            self._scraper.cancel()
+        if self.session:
+            await self.session.close()
+
+    # -- routing -------------------------------------------------------------------------------------
+    @staticmethod
+    def _least_loaded(instances: list[Instance]) -> Instance:
+        healthy = [i for i in instances if i.healthy] or instances
+        return min(healthy, key=lambda i: i.in_flight)
+
+    def request_id(self, p: Instance, d: Instance) -> str:
+        if self.cfg.mode == "p2p-nccl":
+            return f"___prefill_addr_{p.kv_addr}___decode_addr_{d.kv_addr}_{uuid.uuid4().hex}"
+        return f"___prefill_addr_{self.cfg.prefill_service}___decode_addr_{self.cfg.decode_service}_{uuid.uuid4().hex}"
+
+    @staticmethod
+    def prefill_body(body: dict) -> dict:
+        pb = dict(body)
+        pb["max_tokens"] = 1
+        if "max_completion_tokens" in pb or "messages" in pb:
+            pb["max_completion_tokens"] = 1
+        pb["stream"] = False
+        pb.pop("stream_options", None)
+        return pb
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        m = self.metrics
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            m.finished("400")
+            return error_response(400, "request body is not valid JSON", "BadRequestError")
+        if not isinstance(body, dict):
+            m.finished("400")
+            return error_response(400, "request body must be a JSON object", "BadRequestError")
+        p, d = self._least_loaded(self.cfg.prefills), self._least_loaded(self.cfg.decodes)
+        rid = self.request_id(p, d)
+        path = request.path
+        m.in_flight.inc()
+        p.in_flight += 1
+        d.in_flight += 1
+        t0 = time.monotonic()
+        status = "cancelled"
+        try:
+            headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+            decode_headers = dict(headers)
+            try:
+                prefill_s = await self._prefill(p, path, body, headers)
+                m.prefill_seconds.observe(prefill_s)
+                if prefill_s > 0:
+                    tokens = _prompt_tokens(body)
+                    m.observe_prefill_speed(tokens / prefill_s)
+            except UpstreamError as e:
+                if not self.cfg.fallback_decode_only:
+                    status = str(e.status)
+                    return error_response(e.status, f"prefill failed on {p.url}: {e.message}", "PrefillError")
+                decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
+                m.fallbacks.inc()
+            resp = await self._decode(request, d, path, body, decode_headers, t0)
+            status = str(resp.status)
+            return resp
+        except UpstreamError as e:
+            status = str(e.status)
+            return error_response(e.status, e.message, e.kind)
+        finally:
+            p.in_flight -= 1
+            d.in_flight -= 1
+            m.in_flight.dec()
+            m.finished(status)
+            if status.startswith("2"):
+                m.e2e_seconds.observe(time.monotonic() - t0)
+
+    async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> float:
+        assert self.session is not None
+        t = time.monotonic()
+        try:
+            async with self.session.post(p.url + path, json=self.prefill_body(body), headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.cfg.prefill_timeout)) as r:
+                text = await r.read()
+                if r.status >= 400:
+                    raise UpstreamError(r.status, _upstream_message(text, r.status))
+        except aiohttp.ClientConnectorError as e:
+            p.healthy = False
+            raise UpstreamError(503, f"cannot connect: {e.os_error or e}", "ServiceUnavailable") from None
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, f"prefill timed out after {self.cfg.prefill_timeout:g}s", "Timeout") from None
+        return time.monotonic() - t
+
+    async def _decode(self, request: web.Request, d: Instance, path: str, body: dict, headers: dict, t0: float) -> web.StreamResponse:
+        assert self.session is not None
+        m = self.metrics
+        t = time.monotonic()
+        try:
+            async with self.session.post(d.url + path, json=body, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.cfg.decode_timeout)) as r:
+                if r.status >= 400:
+                    text = await r.read()
+                    return error_response(r.status, f"decode failed on {d.url}: {_upstream_message(text, r.status)}", "DecodeError")
+                kv_s = r.headers.get("x-kv-transfer-seconds")
+                if kv_s:
+                    m.kv_transfer_seconds.observe(float(kv_s))
+                out = web.StreamResponse(status=r.status, headers={
+                    "Content-Type": r.headers.get("Content-Type", "application/json"),
+                    "X-Request-Id": headers["X-Request-Id"],
+                    **({"x-kv-transfer-seconds": kv_s} if kv_s else {}),
+                })
+                await out.prepare(request)
+                first = True
+                async for chunk in r.content.iter_any():
+                    if first:
+                        m.ttft_seconds.observe(time.monotonic() - t0)
+                        first = False
+                    await out.write(chunk)
+                await out.write_eof()
+                decode_s = time.monotonic() - t
+                m.decode_seconds.observe(decode_s)
+                out_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+                if isinstance(out_tokens, int) and out_tokens > 1:
+                    m.observe_decode_speed(decode_s / out_tokens)
+                return out
+        except aiohttp.ClientConnectorError as e:
+            d.healthy = False
+            raise UpstreamError(503, f"cannot connect to decode {d.url}: {e.os_error or e}", "ServiceUnavailable") from None
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, f"decode timed out after {self.cfg.decode_timeout:g}s", "Timeout") from None
+
+    # -- small routes ----------------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        d = self._least_loaded(self.cfg.decodes)
+        try:
+            async with self.session.get(d.url + "/v1/models") as r:
+                return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+        except aiohttp.ClientError as e:
+            return error_response(503, f"cannot reach decode {d.url}: {e}", "ServiceUnavailable")
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = any(i.healthy for i in self.cfg.prefills) and any(i.healthy for i in self.cfg.decodes)
+        state = {"prefill": {i.url: i.healthy for i in self.cfg.prefills}, "decode": {i.url: i.healthy for i in self.cfg.decodes}}
+        return web.json_response({"healthy": ok, **state}, status=200 if ok else 503)
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def profile_handler(self, request: web.Request) -> web.Response:
+        if self.profile is None:
+            return error_response(404, "no KV-transfer profile loaded; run kv-bandwidth-profiler and pass --profile-file", "NotFound")
+        return web.json_response(self.profile)
+
+    async def _scrape_loop(self) -> None:
+        """Instance health and their vllm:* gauges, re-exported with a role label."""
+        assert self.session is not None
+        while True:
+            for role, instances in (("prefill", self.cfg.prefills), ("decode", self.cfg.decodes)):
+                for i, inst in enumerate(instances):
+                    try:
+                        async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                            text = await r.text()
+                        async with self.session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as h:
+                            inst.healthy = h.status == 200
+                        self.metrics.absorb_vllm(role, str(i), text)
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        inst.healthy = False
+            await asyncio.sleep(self.cfg.scrape_interval)
+
+
+def _prompt_tokens(body: dict) -> int:
+    if "messages" in body:
+        return max(1, sum(len(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict)) // 4)
+    p = body.get("prompt", "")
+    if isinstance(p, list) and p and isinstance(p[0], int):
+        return len(p)
+    return max(1, len(str(p)) // 4)
+
+
+def _upstream_message(text: bytes, status: int) -> str:
+    try:
+        obj = json.loads(text)
+        err = obj.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(obj.get("message"), str):
+            return obj["message"]
+    except (ValueError, AttributeError):
+        pass
+    return text.decode("utf-8", "replace")[:500] or f"HTTP {status}"

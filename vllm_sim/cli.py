@@ -1,0 +1,93 @@
+"""`vllm-sim`: run one simulated vLLM instance (prefill, decode or both)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from kv_transfer import KVShape, LinkModel
+from vllm_sim.engine import LatencyModel
+from vllm_sim.kv_io import KVConfig
+from vllm_sim.server import Faults, SimConfig, Simulator
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-sim", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="served model name")
+    p.add_argument("--role", choices=("prefill", "decode", "both"), default="both", help="P/D role")
+    g = p.add_argument_group("latency model")
+    g.add_argument("--prefill-tokens-per-second", type=float, default=20000.0, help="prefill speed")
+    g.add_argument("--decode-ms-per-token", type=float, default=10.0, help="per-token decode time with a batch of one")
+    g.add_argument("--batch-slowdown", type=float, default=0.05, help="extra per-token time per additional running sequence")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="running batch size; more requests wait")
+    g.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV blocks for usage accounting")
+    g.add_argument("--max-tokens", type=int, default=16, help="output tokens when the request does not say")
+    g = p.add_argument_group("KV transfer")
+    g.add_argument("--kv-backend", choices=("nccl", "fs", "none"), default="none", help="how KV moves from prefill to decode")
+    g.add_argument("--kv-port", type=int, default=0, help="decode (nccl): KV listen port named in P2P request ids")
+    g.add_argument("--kv-dir", default="/tmp/inference-epp-kv", help="fs: shared directory")
+    g.add_argument("--kv-timeout", type=float, default=30.0, help="decode: seconds to wait for a request's KV")
+    g.add_argument("--link-gbps", type=float, default=0.0, help="link model bandwidth in GB/s (0 = as fast as the copy)")
+    g.add_argument("--link-latency-ms", type=float, default=0.0, help="link model latency")
+    g.add_argument("--num-layers", type=int, default=4, help="model shape: layers")
+    g.add_argument("--num-kv-heads", type=int, default=2, help="model shape: KV heads")
+    g.add_argument("--head-dim", type=int, default=64, help="model shape: head dim")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="KV dtype")
+    g = p.add_argument_group("failure injection")
+    g.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500")
+    g.add_argument("--hang-rate", type=float, default=0.0, help="share of requests that never answer")
+    g.add_argument("--die-after", type=int, default=0, help="decode engine dies on this request number (0 = never)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (deterministic faults)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> SimConfig:
+    shape = KVShape(args.num_layers, args.num_kv_heads, args.head_dim, args.block_size, args.dtype)
+    return SimConfig(
+        model=args.model,
+        role=args.role,
+        latency=LatencyModel(args.prefill_tokens_per_second, args.decode_ms_per_token, args.batch_slowdown, args.max_num_seqs,
+                             args.num_gpu_blocks, args.block_size),
+        kv=KVConfig(args.kv_backend, shape, args.host, args.kv_port, args.kv_dir, LinkModel.from_gbps(args.link_gbps, args.link_latency_ms)
+                    if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout),
+        faults=Faults(args.error_rate, args.hang_rate, args.die_after),
+        seed=args.seed,
+        default_max_tokens=args.max_tokens,
+    )
+
+
+async def serve(cfg: SimConfig, host: str, port: int) -> None:
+    sim = Simulator(cfg)
+    runner = web.AppRunner(sim.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print(f"vllm-sim {cfg.role} serving {cfg.model} on http://{host}:{port} (kv: {cfg.kv.backend}"
+          f"{', listening on ' + sim.kv.address if cfg.role == 'decode' and cfg.kv.backend == 'nccl' else ''})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.kv_backend == "nccl" and args.role == "decode" and not args.kv_port:
+        print("vllm-sim: --kv-port is required for a decode instance with --kv-backend nccl", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config_from(args), args.host, args.port))
+    sys.stdout.flush()
+    os._exit(0)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
+
+
+if __name__ == "__main__":
+    sys.exit(main())
