@@ -1,0 +1,117 @@
+"""Measure transfer time of N KV blocks over a backend, for log-spaced N, as the EPP will use it.
+
+The receiver side is in this process too (a second rank for `nccl`, a reader for `fs`), so a
+measurement is exactly what a decode waits for: from the start of the send until the layers are
+available to it (the link model's arrival time included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from bandwidth_profiler import SCHEMA
+from kv_transfer import KVShape, LinkModel, make_kv
+
+
+def block_counts(min_blocks: int, max_blocks: int, points: int) -> list[int]:
+    """Log-spaced, de-duplicated, always including both ends."""
+    if min_blocks < 1 or max_blocks < min_blocks:
+        raise ValueError("need 1 <= --min-blocks <= --max-blocks")
+    if points < 2 or min_blocks == max_blocks:
+        return sorted({min_blocks, max_blocks})
+    ratio = math.log(max_blocks / min_blocks)
+    return sorted({round(min_blocks * math.exp(ratio * i / (points - 1))) for i in range(points)})
+
+
+@dataclass
+class ProfileSettings:
+    backend: str  # nccl | fs
+    shape: KVShape
+    link: LinkModel
+    min_blocks: int = 1
+    max_blocks: int = 1024
+    points: int = 10
+    warmup_blocks: int = 8
+    num_samples: int = 5
+    fs_dir: str | None = None
+    kv_backend_label: str = ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -> list[dict]:
+    shape = settings.shape
+    if settings.backend == "nccl":
+        from kv_transfer.p2p import P2PReceiver, P2PSender
+
+        port = _free_port()
+        receiver = P2PReceiver("127.0.0.1", port, shape)
+        sender = P2PSender(shape, settings.link)
+
+        def send(rid, layers):
+            sender.send(f"127.0.0.1:{port}", rid, layers)
+    elif settings.backend == "fs":
+        from kv_transfer.shared_fs import FsReceiver, FsSender
+
+        root = settings.fs_dir or tempfile.mkdtemp(prefix="kv-profile-")
+        receiver = FsReceiver(root, shape)
+        fs_sender = FsSender(root, shape, settings.link)
+        send = fs_sender.send
+    else:
+        raise ValueError(f"unknown backend {settings.backend!r}; use nccl or fs")
+
+    async def one(rid: str, layers) -> float:
+        t0 = time.perf_counter()
+        th = threading.Thread(target=send, args=(rid, layers))
+        th.start()
+        await receiver.wait_for(rid, 120)
+        elapsed = time.perf_counter() - t0
+        await asyncio.to_thread(th.join)
+        return elapsed
+
+    warm = make_kv("warmup", settings.warmup_blocks, shape)
+    for i in range(2):
+        await one(f"warmup-{i}", warm)
+    points = []
+    for blocks in block_counts(settings.min_blocks, settings.max_blocks, settings.points):
+        layers = make_kv(f"profile-{blocks}", blocks, shape)
+        samples = [await one(f"profile-{blocks}-{i}", layers) for i in range(settings.num_samples)]
+        points.append({"blocks": blocks, "seconds": statistics.median(samples), "samples": samples,
+                       "bytes": blocks * shape.block_bytes})
+        progress(1)
+    return points
+
+
+def run_profile(settings: ProfileSettings, progress: Callable[[int], None] = lambda n: None) -> dict:
+    points = asyncio.run(_measure(settings, progress))
+    # monotone by construction of the result: a larger transfer never reported faster than a smaller one
+    for a, b in zip(points, points[1:]):
+        b["seconds"] = max(b["seconds"], a["seconds"])
+    s = settings.shape
+    return {
+        "schema": SCHEMA,
+        "backend": settings.backend,
+        "kv_backend": settings.kv_backend_label or ("nvlink" if settings.backend == "nccl" else "fs"),
+        "block_tokens": s.block_size,
+        "block_bytes": s.block_bytes,
+        "shape": {"num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "block_size": s.block_size, "dtype": s.dtype},
+        "link": {"bandwidth_bytes_per_s": settings.link.bandwidth_bytes_per_s, "latency_s": settings.link.latency_s},
+        "settings": {"min_blocks": settings.min_blocks, "max_blocks": settings.max_blocks, "points": settings.points,
+                     "warmup_blocks": settings.warmup_blocks, "num_samples": settings.num_samples},
+        "host": os.uname().nodename,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "points": points,
+    }
