@@ -1,0 +1,129 @@
+"""`epp-stack`: the whole system on this machine, one command.
+
+    epp-stack up [--profile proxy-performance]    start everything, print how to use it, Ctrl-C stops it
+    epp-stack validate [--requests 60]             the seed's check: 60 concurrent chat requests, split by backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+from local_stack.stack import LocalStack, StackPorts
+from local_stack.topology import load_topology
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="proxy-performance", help="EPP config profile (see `epp profiles list`)")
+    p.add_argument("--topology", default=None, help="YAML overriding pairs per backend, link speeds, model shape, latency model")
+    p.add_argument("--workdir", default=".stack", help="logs, endpoints file, KV directories and profiles go here")
+    p.add_argument("--gateway-port", type=int, default=18080, help="development gateway port")
+    p.add_argument("--grpc-port", type=int, default=9002, help="EPP ext_proc port")
+    p.add_argument("--grpc-health-port", type=int, default=9003, help="EPP gRPC health port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="EPP metrics port")
+    p.add_argument("--body-mode", default="FULL_DUPLEX_STREAMED", choices=("FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"),
+                   help="ext_proc body mode the gateway uses")
+
+
+def build(args: argparse.Namespace) -> LocalStack:
+    return LocalStack(load_topology(args.topology), args.profile, args.workdir,
+                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port), args.body_mode)
+
+
+def up(args: argparse.Namespace) -> int:
+    stack = build(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stack.start(progress=lambda m: print(f"[epp-stack] {m}", flush=True))
+        print(f"""
+[epp-stack] ready: EPP profile `{stack.profile}`, gateway {stack.gateway_url}
+  send a request:
+    curl -s {stack.gateway_url}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model":"{stack.topology.model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":8}}'
+  pick the KV backend yourself (profiles honouring x-kv-backend, e.g. default, kv-backend-ab): add -H 'x-kv-backend: fs'
+  decisions so far:  epp decisions {stack.epp_log}
+  logs:              {stack.logs}/
+  EPP metrics:       http://127.0.0.1:{stack.ports.metrics}/metrics
+  Ctrl-C stops everything.""", flush=True)
+        while not stop.is_set():
+            if len(stack.alive()) != len(stack.procs.children) + len(stack.epp_procs.children):
+                print(f"[epp-stack] a process exited; alive: {stack.alive()}; see {stack.logs}/", flush=True)
+                return 1
+            stop.wait(1.0)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        print(f"[epp-stack] failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("[epp-stack] stopping…", flush=True)
+        stack.stop()
+        print("[epp-stack] stopped; no process left behind" if not stack.alive() else f"[epp-stack] still alive: {stack.alive()}", flush=True)
+    return 0
+
+
+async def send_concurrent(url: str, model: str, n: int, concurrency: int) -> list[tuple[int, str]]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def one(i: int) -> tuple[int, str]:
+            body = {"model": model, "messages": [{"role": "user", "content": f"request {i}: " + "tell me about KV caches " * 20}], "max_tokens": 16}
+            async with sem:
+                try:
+                    r = await client.post(f"{url}/v1/chat/completions", json=body)
+                    return r.status_code, r.headers.get("x-gateway-destination-endpoint-served", "")
+                except httpx.HTTPError as e:
+                    return 0, type(e).__name__
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def validate(args: argparse.Namespace) -> int:
+    stack = build(args)
+    try:
+        stack.start(progress=lambda m: print(f"[epp-stack] {m}", flush=True))
+        results = asyncio.run(send_concurrent(stack.gateway_url, stack.topology.model, args.requests, args.concurrency))
+        ok = sum(1 for s, _ in results if s == 200)
+        print(f"\n{ok}/{len(results)} requests answered 200 (profile {stack.profile}, {args.concurrency} concurrent)")
+        by_proxy = Counter(stack.name_of(served) for s, served in results if s == 200)
+        for name, n in by_proxy.most_common():
+            print(f"  {n:4d}  {name}")
+        time.sleep(0.5)
+        print("\n$ epp decisions " + str(stack.epp_log))
+        subprocess.run([sys.executable, "-m", "epp.cli", "decisions", str(stack.epp_log)], check=False)
+        if args.json:
+            print(json.dumps({"ok": ok, "total": len(results), "by_proxy": dict(by_proxy)}))
+        return 0 if ok == len(results) else 1
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        print(f"[epp-stack] failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="epp-stack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("up", help="start the local stack and keep it running", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(u)
+    v = sub.add_parser("validate", help="start, send concurrent chat requests, print the split, stop",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(v)
+    v.add_argument("--requests", type=int, default=60, help="number of chat requests")
+    v.add_argument("--concurrency", type=int, default=60, help="requests in flight at once")
+    v.add_argument("--json", action="store_true", help="also print the result as JSON")
+    args = p.parse_args(argv)
+    return up(args) if args.cmd == "up" else validate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Bring up the whole system on 127.0.0.1 and tear it down with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from local_stack.processes import Child, ProcessGroup
+from local_stack.topology import Backend, Topology
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ProxyInfo:
+    name: str
+    label: str
+    port: int
+    prefill_port: int
+    decode_port: int
+
+
+@dataclass
+class StackPorts:
+    gateway: int = 18080
+    grpc: int = 9002
+    grpc_health: int = 9003
+    metrics: int = 9090
+
+
+@dataclass
+class LocalStack:
+    topology: Topology
+    profile: str = "proxy-performance"
+    workdir: Path = Path(".stack")
+    ports: StackPorts = field(default_factory=StackPorts)
+    body_mode: str = "FULL_DUPLEX_STREAMED"
+    epp_verbosity: int = 2
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.logs = self.workdir / "logs"
+        self.procs = ProcessGroup(self.logs)
+        self.proxies: list[ProxyInfo] = []
+        self.epp: Child | None = None
+        self.epp_procs = ProcessGroup(self.logs)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gateway}"
+
+    @property
+    def epp_log(self) -> Path:
+        return self.logs / "epp.log"
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.workdir / "endpoints.yaml"
+
+    # -- bring-up ------------------------------------------------------------------------------
+    def start(self, progress=print) -> None:
+        try:
+            self._start(progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, progress) -> None:
+        t = self.topology
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
+        pending: list[tuple[Child, str]] = []
+        for backend in t.backends:
+            for i in range(backend.pairs):
+                pending.extend(self._start_pair(backend, i, profiles.get(backend.label)))
+        for child, url in pending:
+            self.procs.wait_http(child, url, timeout=90)
+        progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
+        self.write_endpoints()
+        self.start_epp(self.profile)
+        gw = self.procs.start("dev-gateway", ["dev_gateway.cli", "--port", str(self.ports.gateway), "--epp", f"127.0.0.1:{self.ports.grpc}",
+                                              "--body-mode", self.body_mode])
+        _wait_tcp(gw, self.ports.gateway)
+        progress(f"dev-gateway ready on {self.gateway_url}")
+
+    def _profile_backends(self, progress) -> dict[str, Path]:
+        """Profile each backend with the sims' own shape and link model (a short run of kv-bandwidth-profiler)."""
+        t = self.topology
+        out = {}
+        for b in t.backends:
+            dest = self.workdir / "profiles" / b.label
+            args = ["bandwidth_profiler.cli", "--backends", b.transfer, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
+                    "--num-points", "6", "--num-samples", "3", "--warmup-blocks", "4", "--output-dir", str(dest),
+                    "--fs-dir", str(self.workdir / "kv-profile"), "--no-progress",
+                    f"--{b.transfer}-link-gbps", str(b.link_gbps), f"--{b.transfer}-link-latency-ms", str(b.link_latency_ms),
+                    "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
+                    "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
+            child = self.procs.start(f"profile-{b.label}", args)
+            if child.proc.wait(timeout=300) != 0:
+                raise RuntimeError(f"profiling {b.label} failed; see {child.log_path}")
+            path = dest / f"{b.transfer}.json"
+            pts = json.loads(path.read_text())["points"]
+            out[b.label] = path
+            progress(f"profiled {b.label} ({b.transfer}): {pts[0]['blocks']} blocks {pts[0]['seconds'] * 1000:.1f} ms … "
+                     f"{pts[-1]['blocks']} blocks {pts[-1]['seconds'] * 1000:.1f} ms")
+        return out
+
+    def _start_pair(self, b: Backend, i: int, profile: Path | None) -> list[tuple[Child, str]]:
+        t = self.topology
+        suffix = "" if b.pairs == 1 else f"-{i}"
+        name = f"{b.proxy_name}{suffix}"
+        http_p, http_d, kv_port, proxy_port = free_port(), free_port(), free_port(), free_port()
+        lat = t.latency
+        common = ["--model", t.model, "--kv-backend", b.transfer, "--kv-dir", str(self.workdir / "kv" / name),
+                  "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms),
+                  "--prefill-tokens-per-second", str(lat.prefill_tokens_per_second), "--decode-ms-per-token", str(lat.decode_ms_per_token),
+                  "--batch-slowdown", str(lat.batch_slowdown), "--max-num-seqs", str(lat.max_num_seqs),
+                  "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
+                  "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
+        d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_port), *common])
+        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), *common])
+        if b.transfer == "nccl":
+            mode = ["--mode", "p2p-nccl", "--prefill", f"http://127.0.0.1:{http_p}=127.0.0.1:{free_port()}",
+                    "--decode", f"http://127.0.0.1:{http_d}=127.0.0.1:{kv_port}"]
+        else:
+            mode = ["--mode", "shared-storage", "--prefill", f"http://127.0.0.1:{http_p}", "--decode", f"http://127.0.0.1:{http_d}",
+                    "--prefill-service", f"vllm-prefill-{b.label}{suffix}", "--decode-service", f"vllm-decode-{b.label}{suffix}"]
+        prof = ["--profile-file", str(profile)] if profile else []
+        x = self.procs.start(name, ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(proxy_port), *mode, "--kv-backend", b.label, *prof])
+        self.proxies.append(ProxyInfo(name, b.label, proxy_port, http_p, http_d))
+        return [(d, f"http://127.0.0.1:{http_d}/health"), (p, f"http://127.0.0.1:{http_p}/health"), (x, f"http://127.0.0.1:{proxy_port}/health")]
+
+    def write_endpoints(self) -> None:
+        eps = [{"name": p.name, "address": "127.0.0.1", "port": p.port, "labels": {"role": "proxy", "llm-d.ai/kv-backend": p.label}}
+               for p in self.proxies]
+        self.endpoints_file.write_text(yaml.safe_dump({"endpoints": eps}, sort_keys=False))
+
+    def start_epp(self, profile: str) -> None:
+        """(Re)start only the EPP, e.g. to compare profiles on the same running backends."""
+        self.stop_epp()
+        self.profile = profile
+        self.epp = self.epp_procs.start("epp", [
+            "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), "--config-profile", profile, "--secure-serving=false",
+            "--bind-address", "127.0.0.1", "--grpc-port", str(self.ports.grpc), "--grpc-health-port", str(self.ports.grpc_health),
+            "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity),
+        ])
+        self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
+        _wait_grpc_serving(self.epp, self.ports.grpc_health)
+
+    def stop_epp(self) -> None:
+        self.epp_procs.stop()
+        self.epp = None
+
+    def stop(self) -> None:
+        self.stop_epp()
+        self.procs.stop()
+
+    def alive(self) -> list[str]:
+        return self.procs.alive() + self.epp_procs.alive()
+
+    def backend_of(self, served: str) -> str:
+        port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
+        return next((p.label for p in self.proxies if p.port == port), "unknown")
+
+    def name_of(self, served: str) -> str:
+        port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
+        return next((p.name for p in self.proxies if p.port == port), served)
+
+
+def _wait_tcp(child: Child, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited; see {child.log_path}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{child.name} not listening on {port}")
+
+
+def _wait_grpc_serving(child: Child, port: int, timeout: float = 30.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited; see {child.log_path}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{child.name} health not SERVING on {port}")
