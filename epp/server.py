@@ -58,7 +58,7 @@ class EPPServer:
         self.datastore = Datastore()
         self.metrics = EPPMetrics(pool_name=o.pool_name or "local")
         self.loaded = resolve_config(o.config_file, o.config_text, o.config_profile)
-        ctx = PluginContext(datastore=self.datastore, services={})
+        ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin)
         self.scheduler = self.built.scheduler
         self.director = Director(

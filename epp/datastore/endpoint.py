@@ -29,6 +29,23 @@ class TransferProfile:
     block_bytes: int = 0
     backend: str = ""
 
+    def seconds_for_tokens(self, tokens: int) -> float:
+        """Estimated transfer time of a prompt: tokens → blocks → interpolated between measured points.
+
+        Below the smallest measurement the smallest time holds (latency floor); above the largest,
+        the last segment's slope extends it.
+        """
+        blocks = max(1, -(-tokens // max(1, self.block_tokens)))
+        xs, ys = self.blocks, self.seconds
+        if len(xs) == 1 or blocks <= xs[0]:
+            return ys[0]
+        for i in range(1, len(xs)):
+            if blocks <= xs[i]:
+                x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+                return y0 + (y1 - y0) * (blocks - x0) / (x1 - x0)
+        x0, x1, y0, y1 = xs[-2], xs[-1], ys[-2], ys[-1]
+        return y1 + (y1 - y0) / (x1 - x0) * (blocks - x1)
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointMetrics:

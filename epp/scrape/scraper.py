@@ -1,0 +1,80 @@
+"""Reads every endpoint's /metrics on an interval, in the background: scheduling never waits for it.
+
+Each endpoint is scraped concurrently with its own timeout. A failed scrape keeps the last good
+values (their age grows, so plugins and the decision log can see they are stale) and records the
+error. The transfer profile changes rarely and is kept when a later scrape lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import aiohttp
+
+from epp.datastore import Datastore, Endpoint
+from epp.observability.logging import get_logger
+from epp.scrape.parse import parse_metrics
+
+log = get_logger("epp.scrape")
+
+
+class MetricsScraper:
+    def __init__(self, datastore: Datastore, interval: float = 0.05, timeout: float = 1.0, staleness: float = 2.0) -> None:
+        self.datastore = datastore
+        self.interval = interval
+        self.timeout = timeout
+        self.staleness = staleness
+        self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, asyncio.Task] = {}
+        self.scrapes = 0
+        self.failures = 0
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout), connector=aiohttp.TCPConnector(limit=0))
+        self._task = asyncio.create_task(self._loop(), name="metrics-scraper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for t in self._inflight.values():
+            t.cancel()
+        if self._session:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            for ep in self.datastore.endpoints():
+                # one scrape per endpoint at a time: a slow endpoint is not piled up on
+                t = self._inflight.get(ep.key)
+                if t is None or t.done():
+                    self._inflight[ep.key] = asyncio.create_task(self.scrape(ep))
+            await asyncio.sleep(self.interval)
+
+    async def scrape(self, ep: Endpoint) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(ep.scrape_url()) as r:
+                if r.status != 200:
+                    raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message=r.reason or "")
+                text = await r.text()
+            m = parse_metrics(text)
+            if m.transfer_profile is None and ep.metrics.transfer_profile is not None:
+                m = dataclasses.replace(m, transfer_profile=ep.metrics.transfer_profile)
+            self.datastore.set_metrics(ep.key, m)
+            self.scrapes += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            self.failures += 1
+            old = ep.metrics
+            if old.error is None:
+                log.warning("Metrics scrape failed", endpoint=ep.key, url=ep.scrape_url(), error=str(e) or type(e).__name__)
+            self.datastore.set_metrics(ep.key, dataclasses.replace(old, error=str(e) or type(e).__name__))
+
+    def stale(self, ep: Endpoint, now: float | None = None) -> bool:
+        return ep.metrics.age(time.monotonic() if now is None else now) > self.staleness
