@@ -83,7 +83,7 @@ async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -
         return elapsed
 
     warm = make_kv("warmup", settings.warmup_blocks, shape)
-    for i in range(2):
+    for i in range(5):  # first transfers pay for connection set-up and first-touch allocation
         await one(f"warmup-{i}", warm)
     points = []
     for blocks in block_counts(settings.min_blocks, settings.max_blocks, settings.points):
@@ -95,11 +95,30 @@ async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -
     return points
 
 
+def isotonic(values: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators).
+
+    Transfer time cannot fall as the transfer grows; a noisy sample is averaged with its
+    neighbours instead of lifting every later point, as a running maximum would.
+    """
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    out: list[float] = []
+    for mean, weight in blocks:
+        out.extend([mean] * int(weight))
+    return out
+
+
 def run_profile(settings: ProfileSettings, progress: Callable[[int], None] = lambda n: None) -> dict:
     points = asyncio.run(_measure(settings, progress))
-    # monotone by construction of the result: a larger transfer never reported faster than a smaller one
-    for a, b in zip(points, points[1:]):
-        b["seconds"] = max(b["seconds"], a["seconds"])
+    for pt, fitted in zip(points, isotonic([pt["seconds"] for pt in points])):
+        pt["measured_seconds"] = pt["seconds"]
+        pt["seconds"] = fitted
+
     s = settings.shape
     return {
         "schema": SCHEMA,

@@ -77,6 +77,8 @@ class LocalStack:
     def _start(self, progress) -> None:
         t = self.topology
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for old in self.logs.glob("*.log"):  # one run's logs per start, so `epp decisions` reads this run
+            old.unlink()
         profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
         for backend in t.backends:
@@ -99,7 +101,7 @@ class LocalStack:
         for b in t.backends:
             dest = self.workdir / "profiles" / b.label
             args = ["bandwidth_profiler.cli", "--backends", b.transfer, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
-                    "--num-points", "6", "--num-samples", "3", "--warmup-blocks", "4", "--output-dir", str(dest),
+                    "--num-points", "7", "--num-samples", "5", "--warmup-blocks", "4", "--output-dir", str(dest),
                     "--fs-dir", str(self.workdir / "kv-profile"), "--no-progress",
                     f"--{b.transfer}-link-gbps", str(b.link_gbps), f"--{b.transfer}-link-latency-ms", str(b.link_latency_ms),
                     "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),

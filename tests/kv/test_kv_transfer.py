@@ -93,3 +93,11 @@ def test_profile_is_monotone_and_shows_the_link(backend, tmp_path):
     assert secs == sorted(secs)
     if backend == "fs":
         assert secs[-1] >= 64 * SHAPE.block_bytes / 5e6  # the capped link is visible
+
+
+def test_isotonic_fit_is_monotone_and_local():
+    from bandwidth_profiler.profiler import isotonic
+
+    assert isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert isotonic([5.0, 1.0, 1.0, 9.0]) == [pytest.approx(7 / 3)] * 3 + [9.0]
+    assert isotonic([1.0, 2.0]) == [1.0, 2.0]

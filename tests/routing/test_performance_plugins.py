@@ -1,0 +1,106 @@
+"""Formulas and fallbacks of the performance-aware plugins."""
+
+import time
+
+import pytest
+
+from epp.datastore import Datastore, Endpoint, EndpointMetrics, TransferProfile
+from epp.scheduling import registry
+from epp.scheduling.framework import CycleState, LLMRequest, ProfileRunResult, SchedulingResult
+from epp.scheduling.registry import PluginContext
+
+FAST = TransferProfile(blocks=(1, 10, 100), seconds=(0.001, 0.002, 0.011), block_tokens=16, backend="nvlink")
+SLOW = TransferProfile(blocks=(1, 10, 100), seconds=(0.005, 0.020, 0.110), block_tokens=16, backend="fs")
+
+
+def ep(name, profile=None, **metrics):
+    e = Endpoint(name=name, address="10.0.0.1", port=8000 + len(name))
+    e.metrics = EndpointMetrics(transfer_profile=profile, updated_at=time.monotonic(), **metrics)
+    return e
+
+
+def req(tokens=160):
+    return LLMRequest(request_id="r", model="m", target_model="m", api="completions", prompt_tokens=tokens)
+
+
+def make(type_name, params=None, ctx=None):
+    return registry.create(type_name, type_name, params or {}, ctx or PluginContext())
+
+
+def test_profile_interpolation():
+    assert FAST.seconds_for_tokens(16) == pytest.approx(0.001)  # 1 block
+    assert FAST.seconds_for_tokens(160) == pytest.approx(0.002)  # 10 blocks
+    assert FAST.seconds_for_tokens(55 * 16) == pytest.approx(0.002 + 0.009 * 45 / 90)
+    assert FAST.seconds_for_tokens(200 * 16) == pytest.approx(0.011 + 0.0001 * 100)  # extrapolated
+    assert FAST.seconds_for_tokens(1) == pytest.approx(0.001)
+
+
+def test_transfer_bandwidth_scorer_and_no_profile_fallback():
+    s = make("transfer-bandwidth-scorer")
+    st = CycleState()
+    scores = s.score(st, req(160), [ep("fast", FAST), ep("slow", SLOW), ep("none")])
+    assert scores == [1.0, pytest.approx(0.1), 0.5]
+    assert st.notes["transfer-bandwidth-scorer"]["no_profile"] == ["none"]
+    assert st.notes["transfer-bandwidth-scorer"]["estimate_ms"] == {"fast": 2.0, "slow": 20.0}
+    assert s.score(CycleState(), req(), [ep("a"), ep("b")]) == [0.5, 0.5]  # no data anywhere: neutral, no error
+
+
+def test_transfer_time_filter_guardrail():
+    f = make("transfer-time-filter", {"maxTransferTime": "10ms"})
+    kept = f.filter(CycleState(), req(160), [ep("fast", FAST), ep("slow", SLOW), ep("none")])
+    assert [e.name for e in kept] == ["fast", "none"]
+    st = CycleState()
+    kept = f.filter(st, req(100 * 16), [ep("fast", FAST), ep("slow", SLOW)])  # 11 ms and 110 ms: both over
+    assert [e.name for e in kept] == ["fast", "slow"] and st.notes["transfer-time-filter"]["kept_all"] is True
+
+
+def test_queue_running_kv_and_load_aware_scorers():
+    eps = [ep("a", waiting=0, running=4, kv_cache_usage=0.2), ep("bb", waiting=5, running=2, kv_cache_usage=0.9), ep("ccc", waiting=10, running=0)]
+    assert make("queue-scorer").score(CycleState(), req(), eps) == [1.0, 0.5, 0.0]
+    assert make("running-requests-size-scorer").score(CycleState(), req(), eps) == [0.0, 0.5, 1.0]
+    assert make("kv-cache-utilization-scorer").score(CycleState(), req(), eps) == [pytest.approx(0.8), pytest.approx(0.1), 1.0]
+    la = make("load-aware-scorer", {"threshold": 128})
+    assert la.score(CycleState(), req(), [ep("q0", waiting=0), ep("q64", waiting=64), ep("q200", waiting=200)]) == [0.5, 0.25, 0.0]
+    assert make("queue-scorer").score(CycleState(), req(), [ep("a", waiting=3), ep("b", waiting=3)]) == [1.0, 1.0]
+
+
+def test_stale_metrics_count_as_missing_and_are_named():
+    stale = Endpoint(name="stale", address="10.0.0.9", port=1)
+    stale.metrics = EndpointMetrics(waiting=50, updated_at=time.monotonic() - 60)
+    fresh = ep("fresh", waiting=10)
+    st = CycleState()
+    s = make("queue-scorer", ctx=PluginContext(services={"metrics_staleness": 2.0}))
+    assert s.score(st, req(), [stale, fresh]) == [1.0, 0.0]
+    assert st.notes["queue-scorer"] == {"no_fresh_metrics": ["stale"]}
+
+
+def result_for(target):
+    return SchedulingResult("default", {"default": ProfileRunResult("default", [target], [target])})
+
+
+def test_predicted_latency_model_and_booking():
+    clock = [100.0]
+    ds = Datastore()
+    s = make("predicted-latency-scorer", {"defaultPrefillTokensPerSecond": 16000, "defaultDecodeSecondsPerToken": 0.01}, PluginContext(datastore=ds))
+    s.clock = lambda: clock[0]
+    fast, slow = ep("fast", FAST), ep("slow", SLOW, prefill_tokens_per_second=32000.0)
+    st = CycleState()
+    scores = s.score(st, req(1600), [fast, slow])  # 100 blocks: fast 0.1+0.011+0.01, slow 0.05+0.11+0.01
+    est = st.read("predicted-latency")
+    assert est["fast"]["ttft"] == pytest.approx(0.1 + 0.011 + 0.01)
+    assert est["slow"]["ttft"] == pytest.approx(0.05 + 0.110 + 0.01)
+    assert scores[0] == 1.0 and scores[1] == pytest.approx(0.121 / 0.17)
+    # book three requests on `fast`: its stage is busy, so `slow` becomes the better choice
+    reqs = [req(1600) for _ in range(3)]
+    for r in reqs:
+        s.pre_request(r, result_for(fast))
+    st = CycleState()
+    scores = s.score(st, req(1600), [fast, slow])
+    assert st.read("predicted-latency")["fast"]["wait"] == pytest.approx(3 * 0.111)
+    assert scores[1] == 1.0 and scores[0] < 1.0
+    # completions release the booking; time passing does too
+    for r in reqs[:2]:
+        s.response_complete(r, None, "success")
+    assert s._wait("fast", clock[0]) == pytest.approx(0.111 * 3)  # the last booking still ends at 3×
+    clock[0] += 1.0
+    assert s._wait("fast", clock[0]) == 0.0
