@@ -150,6 +150,7 @@ class PDProxy:
             return error_response(400, "request body must be a JSON object", "BadRequestError")
         p, d = self._least_loaded(self.cfg.prefills), self._least_loaded(self.cfg.decodes)
         rid = self.request_id(p, d)
+        prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
         path = request.path
         m.in_flight.inc()
         p.in_flight += 1
@@ -162,9 +163,8 @@ class PDProxy:
             try:
                 prefill_s = await self._prefill(p, path, body, headers)
                 m.prefill_seconds.observe(prefill_s)
-                if prefill_s > 0:
-                    tokens = _prompt_tokens(body)
-                    m.observe_prefill_speed(tokens / prefill_s)
+                if prefill_s > 0 and prefill_alone:
+                    m.observe_prefill_speed(_prompt_tokens(body) / prefill_s)
             except UpstreamError as e:
                 if not self.cfg.fallback_decode_only:
                     status = str(e.status)

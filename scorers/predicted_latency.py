@@ -1,21 +1,27 @@
-"""predicted-latency-scorer: prefer the endpoint with the smallest estimated time to first token.
+"""predicted-latency-scorer: prefer the endpoint predicted to finish this request first.
 
-For each candidate endpoint e and this request's prompt of t tokens:
+For each candidate endpoint e, this request's prompt of t tokens and its n output tokens:
 
     TTFT(e) = wait(e) + t / prefill_tps(e) + transfer(e, t) + decode_spt(e)
+    E2E(e)  = TTFT(e) + (n − 1) × decode_spt(e) × (1 + batchSlowdown × inflight(e))
 
 * transfer(e, t): the endpoint's measured KV-transfer profile at t tokens (0 without a profile);
 * prefill_tps, decode_spt: the proxy's measured prefill speed and time per output token
   (`pdproxy_prefill_tokens_per_second`, `pdproxy_decode_seconds_per_token`), or the plugin's
   defaults until the endpoint has measured them;
+* inflight(e): requests this EPP has routed to e and not yet seen finish; the decode batch
+  grows with it and each token slows by `batchSlowdown` per extra sequence (default 0.05);
+* n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
 * wait(e): how long work this EPP already sent to e keeps its prefill-and-transfer stage busy.
   Every scheduled request pushes e's `busy_until` by its own prefill + transfer estimate, so the
   queue is known the moment a request is routed — no scrape lag, which matters in bursts.
   A pair prefills one prompt at a time and its link is FIFO, so the stage is serial. The work is
   forgotten when its response completes or the estimate has passed, whichever comes first.
 
-Score = min over candidates of TTFT / TTFT(e): the predicted-fastest endpoint scores 1, one
-predicted twice as slow 0.5. The estimates appear in the decision log.
+Score = min over candidates of E2E / E2E(e): the predicted-fastest endpoint scores 1, one
+predicted twice as slow 0.5. TTFT alone would pile every request on the fastest fabric until
+its decode batch, not its link, becomes the bottleneck; E2E keeps both in view. The estimates
+(TTFT, E2E, queue wait) appear in the decision log.
 """
 
 from __future__ import annotations
@@ -35,8 +41,12 @@ class PredictedLatencyScorer:
     type_name = "predicted-latency-scorer"
     needs_metrics = True
 
-    def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic,
+                 batch_slowdown: float = 0.05, default_output_tokens: int = 64) -> None:
         self.name = name
+        self.batch_slowdown = batch_slowdown
+        self.default_output_tokens = default_output_tokens
+        self._inflight: dict[str, set[int]] = {}
         self.default_prefill_tps = default_prefill_tps
         self.default_decode_spt = default_decode_spt
         self.clock = clock
@@ -63,16 +73,20 @@ class PredictedLatencyScorer:
             prefill = request.prompt_tokens / tps
             xfer = transfer.get(e.key, 0.0)
             wait = self._wait(e.key, now)
-            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "first_token": spt, "ttft": wait + prefill + xfer + spt}
+            ttft = wait + prefill + xfer + spt
+            n = request.max_tokens or self.default_output_tokens
+            decode = max(0, n - 1) * spt * (1.0 + self.batch_slowdown * len(self._inflight.get(e.key, ())))
+            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "first_token": spt, "ttft": ttft, "e2e": ttft + decode}
         state.write(STATE_KEY, out)
         return out
 
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         est = self.estimate(state, request, endpoints)
-        best = min((v["ttft"] for v in est.values()), default=0.0)
+        best = min((v["e2e"] for v in est.values()), default=0.0)
         state.notes[self.name] = {"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
+                                  "e2e_ms": {k: round(v["e2e"] * 1000, 2) for k, v in est.items()},
                                   "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}}
-        return [1.0 if best <= 0 else best / est[e.key]["ttft"] for e in endpoints]
+        return [1.0 if best <= 0 else best / est[e.key]["e2e"] for e in endpoints]
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         """Book the chosen endpoint's stage: this request's prefill + transfer run after what is queued."""
@@ -83,13 +97,17 @@ class PredictedLatencyScorer:
         xfer = prof.seconds_for_tokens(request.prompt_tokens) if prof is not None else 0.0
         start = now + self._wait(target.key, now)
         self._stage.setdefault(target.key, {})[id(request)] = (start, start + prefill + xfer, request)
+        self._inflight.setdefault(target.key, set()).add(id(request))
 
     def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
         for work in self._stage.values():
             work.pop(id(request), None)
+        for ids in self._inflight.values():
+            ids.discard(id(request))
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
         self._stage.pop(endpoint.key, None)
+        self._inflight.pop(endpoint.key, None)
 
 
 def _positive(name: str, field: str, v: Any) -> float:
@@ -100,10 +118,15 @@ def _positive(name: str, field: str, v: Any) -> float:
 
 @register("predicted-latency-scorer")
 def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> PredictedLatencyScorer:
+    slowdown = parameters.get("batchSlowdown", 0.05)
+    if not isinstance(slowdown, (int, float)) or isinstance(slowdown, bool) or slowdown < 0:
+        raise ConfigError(f"plugin {name!r}: batchSlowdown must be a number >= 0, got {slowdown!r}")
     s = PredictedLatencyScorer(
         name,
         _positive(name, "defaultPrefillTokensPerSecond", parameters.get("defaultPrefillTokensPerSecond", 20000.0)),
         _positive(name, "defaultDecodeSecondsPerToken", parameters.get("defaultDecodeSecondsPerToken", 0.01)),
+        batch_slowdown=float(slowdown),
+        default_output_tokens=int(_positive(name, "defaultOutputTokens", parameters.get("defaultOutputTokens", 64))),
     )
     if ctx.datastore is not None:
         ctx.datastore.on_removal(s.forget_endpoint)

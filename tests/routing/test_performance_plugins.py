@@ -85,18 +85,23 @@ def test_predicted_latency_model_and_booking():
     s.clock = lambda: clock[0]
     fast, slow = ep("fast", FAST), ep("slow", SLOW, prefill_tokens_per_second=32000.0)
     st = CycleState()
-    scores = s.score(st, req(1600), [fast, slow])  # 100 blocks: fast 0.1+0.011+0.01, slow 0.05+0.11+0.01
+    r0 = req(1600)
+    r0.max_tokens = 11
+    scores = s.score(st, r0, [fast, slow])  # 100 blocks: fast 0.1+0.011+0.01, slow 0.05+0.11+0.01
     est = st.read("predicted-latency")
     assert est["fast"]["ttft"] == pytest.approx(0.1 + 0.011 + 0.01)
     assert est["slow"]["ttft"] == pytest.approx(0.05 + 0.110 + 0.01)
-    assert scores[0] == 1.0 and scores[1] == pytest.approx(0.121 / 0.17)
+    assert est["fast"]["e2e"] == pytest.approx(0.121 + 10 * 0.01)  # idle batch: no slowdown
+    assert scores[0] == 1.0 and scores[1] == pytest.approx(0.221 / 0.27)
     # book three requests on `fast`: its stage is busy, so `slow` becomes the better choice
     reqs = [req(1600) for _ in range(3)]
     for r in reqs:
         s.pre_request(r, result_for(fast))
     st = CycleState()
     scores = s.score(st, req(1600), [fast, slow])
-    assert st.read("predicted-latency")["fast"]["wait"] == pytest.approx(3 * 0.111)
+    est = st.read("predicted-latency")
+    assert est["fast"]["wait"] == pytest.approx(3 * 0.111)
+    assert est["fast"]["e2e"] == pytest.approx(4 * 0.111 + 0.01 + 63 * 0.01 * 1.15)  # 3 in flight: batch 15% slower
     assert scores[1] == 1.0 and scores[0] < 1.0
     # completions release the booking; time passing does too
     for r in reqs[:2]:

@@ -1,0 +1,1 @@
+"""The serving benchmark: a workload through the gateway, latency percentiles, plots, profile comparisons."""

@@ -1,0 +1,120 @@
+"""`epp-bench`: the serving benchmark (modelled on benchmark_serving.py) through the gateway.
+
+Without --gateway it starts the local stack itself. --compare-profiles runs every profile on
+the same workload and seed in one invocation, restarting only the EPP between profiles, and
+writes a comparison table and plot next to each run's files.
+
+    epp-bench --compare-profiles round-robin,proxy-performance,bandwidth-aware,predicted-latency \\
+        --distribution burst,poisson --qps 10,20 --random_prompt_count 100 --output-dir docs/benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from serving_benchmark.report import comparison_plot, comparison_table, summarize, write_run
+from serving_benchmark.runner import run_workload
+from serving_benchmark.workload import build_workload
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="epp-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--gateway", default=None, help="use a running gateway (e.g. http://127.0.0.1:18080) instead of starting the local stack")
+    a("--profile", default="proxy-performance", help="EPP profile when not comparing (default: %(default)s)")
+    a("--compare-profiles", default=None, help="comma-separated profiles to run on the same workload (needs the local stack)")
+    a("--qps", default="10", help="request rate(s), comma-separated (default: %(default)s); ignored by burst")
+    a("--distribution", default="poisson", help="burst | poisson | uniform, comma-separated (default: %(default)s)")
+    a("--random_prompt_count", type=int, default=100, help="requests per run (default: %(default)s)")
+    a("--max_request_len", type=int, default=2048, help="prompt + output tokens cap (default: %(default)s)")
+    a("--max_output_tokens", type=int, default=64, help="output tokens cap (default: %(default)s)")
+    a("--dataset_path", default=None, help="ShareGPT-format JSON; synthetic ShareGPT-like lengths when absent")
+    a("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
+    a("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="model name in requests (default: %(default)s)")
+    a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
+    a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
+    a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
+    a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
+    a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
+    a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
+    return p
+
+
+def scenarios(dists: str, qps: str) -> list[tuple[str, float]]:
+    out = []
+    for d in [x.strip() for x in dists.split(",") if x.strip()]:
+        if d == "burst":
+            out.append((d, 0.0))
+        else:
+            out.extend((d, float(q)) for q in qps.split(",") if q.strip())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    profiles = [p.strip() for p in (args.compare_profiles or args.profile).split(",") if p.strip()]
+    scens = scenarios(args.distribution, args.qps)
+    out = Path(args.output_dir)
+    stack = None
+    if args.gateway:
+        if len(profiles) > 1:
+            print("epp-bench: --compare-profiles restarts the EPP, so it needs the local stack (drop --gateway)", file=sys.stderr)
+            return 2
+        url = args.gateway.rstrip("/")
+        backend_of = name_of = lambda served: served or "unknown"  # noqa: E731
+    else:
+        from local_stack.stack import LocalStack, StackPorts, free_port
+        from local_stack.topology import load_topology
+
+        stack = LocalStack(load_topology(args.topology), profiles[0], args.workdir,
+                           StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
+        stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
+        url, backend_of, name_of = stack.gateway_url, stack.backend_of, stack.name_of
+    rows = []
+    try:
+        for profile in profiles:
+            if stack is not None and stack.profile != profile:
+                stack.start_epp(profile)
+            if args.warmup:
+                warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
+                asyncio.run(run_workload(url, args.model, [w for w in warm]))
+            for dist, qps in scens:
+                scen = dist if dist == "burst" else f"{dist}@{qps:g}"
+                workload = build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed,
+                                          args.dataset_path)
+                with tqdm(total=len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
+                    results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
+                summary = summarize(results, duration, backend_of, name_of)
+                name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
+                meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
+                        "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
+                        "command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                write_run(out, name, summary, results, meta)
+                rows.append({"profile": profile, "scenario": scen, "summary": summary})
+                t, e = summary["ttft_s"], summary["e2e_s"]
+                print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
+                      f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
+                      f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}", flush=True)
+    finally:
+        if stack is not None:
+            stack.stop()
+    table = comparison_table(rows)
+    print("\n" + table)
+    (out / f"{args.name}_comparison.md").write_text(table + "\n")
+    (out / f"{args.name}_comparison.json").write_text(json.dumps(
+        {"command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}, indent=1))
+    comparison_plot(rows, out / f"{args.name}_comparison.png")
+    print(f"wrote {out}/{args.name}_*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
