@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     a("--fs-link-gbps", type=float, default=0.0, help="link model for fs, GB/s; 0 = the real copy only (default: %(default)s)")
     a("--fs-link-latency-ms", type=float, default=0.0, help="link latency for fs (default: %(default)s)")
     a("--fs-dir", default=None, help="shared directory for fs (default: a temporary directory)")
+    a("--device", default="cpu", choices=("cpu", "cuda"), help="nccl backend: cpu = gloo, cuda = NCCL on the GPU (default: %(default)s)")
     a("--label", default="", help="llm-d.ai/kv-backend value recorded in the profile (default: nvlink for nccl, fs for fs)")
     a("--no-progress", action="store_true", help="no progress bar (for logs)")
     a("--output-dir", default=".", help="where <backend>.json, the table and the PNG go (default: %(default)s)")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             lat = args.nccl_link_latency_ms if backend == "nccl" else args.fs_link_latency_ms
             link = LinkModel.from_gbps(gbps, lat) if gbps else LinkModel(0.0, lat / 1000)
             settings = ProfileSettings(backend, shape, link, args.min_blocks, args.max_blocks, args.num_points, args.warmup_blocks,
-                                       args.num_samples, args.fs_dir, args.label)
+                                       args.num_samples, args.fs_dir, args.label, args.device)
             bar.set_description(f"profiling {backend}")
             prof = run_profile(settings, bar.update)
             (out / f"{backend}.json").write_text(json.dumps(prof, indent=2))

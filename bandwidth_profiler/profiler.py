@@ -44,6 +44,7 @@ class ProfileSettings:
     num_samples: int = 5
     fs_dir: str | None = None
     kv_backend_label: str = ""
+    device: str = "cpu"  # cuda: NCCL between two ranks of this process (sender and receiver on the GPU)
 
 
 def _free_port() -> int:
@@ -58,8 +59,9 @@ async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -
         from kv_transfer.p2p import P2PReceiver, P2PSender
 
         port = _free_port()
-        receiver = P2PReceiver("127.0.0.1", port, shape)
-        sender = P2PSender(shape, settings.link)
+        cuda = settings.device == "cuda"  # two GPUs of this node: what NVLink connects
+        receiver = P2PReceiver("127.0.0.1", port, shape, "cuda:1" if cuda else "cpu")
+        sender = P2PSender(shape, settings.link, "cuda:0" if cuda else "cpu")
 
         def send(rid, layers):
             sender.send(f"127.0.0.1:{port}", rid, layers)
@@ -127,6 +129,7 @@ def run_profile(settings: ProfileSettings, progress: Callable[[int], None] = lam
         "block_tokens": s.block_size,
         "block_bytes": s.block_bytes,
         "shape": {"num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "block_size": s.block_size, "dtype": s.dtype},
+        "device": settings.device,
         "link": {"bandwidth_bytes_per_s": settings.link.bandwidth_bytes_per_s, "latency_s": settings.link.latency_s},
         "settings": {"min_blocks": settings.min_blocks, "max_blocks": settings.max_blocks, "points": settings.points,
                      "warmup_blocks": settings.warmup_blocks, "num_samples": settings.num_samples},

@@ -30,7 +30,8 @@ _TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def _process_group(store: dist.Store, rank: int, device: str) -> dist.ProcessGroup:
-    if device == "cuda":
+    """NCCL for GPU tensors (NVLink / PCIe / IB between the pair), gloo for CPU tensors."""
+    if device.startswith("cuda"):
         return dist.ProcessGroupNCCL(store, rank, 2)
     return dist.ProcessGroupGloo(store, rank, 2, _TIMEOUT)
 
@@ -78,9 +79,9 @@ class P2PSender:
         nbytes = sum(t.numel() * t.element_size() for t in layers)
         with lock:
             ready_at = self.link.schedule(nbytes)
-            pg.send([_encode_header(request_id, blocks, self.shape, ready_at)], 1, 0).wait()
+            pg.send([_encode_header(request_id, blocks, self.shape, ready_at).to(self.device)], 1, 0).wait()
             for t in layers:
-                pg.send([t.contiguous()], 1, 0).wait()
+                pg.send([t.to(self.device).contiguous()], 1, 0).wait()
         return time.perf_counter() - t0
 
 
@@ -111,11 +112,12 @@ class P2PReceiver:
         pg = _process_group(dist.PrefixStore(f"peer{index}/", self.store), 1, self.device)
         shape = self.shape
         while not self._stop.is_set():
-            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
             try:
                 pg.recv([header], 0, 0).wait()
             except RuntimeError:
                 return  # the prefill went away
+            header = header.cpu()
             if int(header[0]) != MAGIC:
                 return
             n = int(header[1])
@@ -124,9 +126,9 @@ class P2PReceiver:
             dtype = list(DTYPES.values())[int(header[4])]
             layers = []
             for _ in range(num_layers):
-                t = torch.empty(shape.layer_shape(blocks), dtype=dtype)
+                t = torch.empty(shape.layer_shape(blocks), dtype=dtype, device=self.device)
                 pg.recv([t], 0, 0).wait()
-                layers.append(t)
+                layers.append(t.cpu() if self.device != "cpu" else t)
             self._deliver(request_id, Received(layers, int(header[5]) / 1e6, time.time()))
 
     def _deliver(self, request_id: str, item: Received) -> None:

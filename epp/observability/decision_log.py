@@ -48,14 +48,13 @@ def decision_fields(request: LLMRequest, result: SchedulingResult, config_profil
         "profile": config_profile or "custom",
         "prompt_tokens": request.prompt_tokens,
         **_profile_fields(result),
-        "selected": primary.hostport,
+        # a list, primary first, as the Go EPP logs it (so `rg -o 'selected":\[[^]]+\]'` keeps working)
+        "selected": [e.hostport for e in targets],
         "selected_name": primary.key,
         "kv_backend": primary.kv_backend or "none",
     }
     if request.target_model != request.model:
         fields["target_model"] = request.target_model
-    if len(targets) > 1:
-        fields["fallbacks"] = [e.hostport for e in targets[1:]]
     if result.notes:
         fields["notes"] = result.notes
     return fields

@@ -37,7 +37,8 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
         m = ev.get("msg") or ev.get("event")
         if m == DECISION_MSG:
             decisions += 1
-            by_endpoint[ev.get("selected_name") or ev.get("selected", "?")] += 1
+            sel_field = ev.get("selected")
+            by_endpoint[ev.get("selected_name") or (sel_field[0] if isinstance(sel_field, list) and sel_field else str(sel_field))] += 1
             by_backend[ev.get("kv_backend", "none")] += 1
             by_profile[ev.get("profile", "?")] += 1
             sel = ev.get("selected_name")
