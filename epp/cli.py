@@ -81,6 +81,16 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="how often endpoint /metrics are scraped, when a plugin needs them (Go duration)")
     g.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
                    help="endpoint metrics older than this are reported stale (Go duration)")
+    g = p.add_argument_group("Go EPP compatibility", "accepted so existing Deployments (Helm, SchedulerInstall) start unchanged; no effect here")
+    for flag, default in (("--pool-group", "inference.networking.k8s.io"), ("--zap-encoder", "json"), ("--zap-log-level", "info"),
+                          ("--kv-cache-usage-percentage-metric", "vllm:kv_cache_usage_perc"), ("--total-queued-requests-metric", "vllm:num_requests_waiting"),
+                          ("--total-running-requests-metric", "vllm:num_requests_running"), ("--model-server-metrics-scheme", "http"),
+                          ("--model-server-metrics-path", "/metrics"), ("--model-server-metrics-port", "0"),
+                          ("--refresh-prometheus-metrics-interval", "5s")):
+        g.add_argument(flag, default=default, help=f"(compatibility) default {default}")
+    for flag, default in (("--tracing", False), ("--health-checking", False), ("--enable-pprof", False), ("--metrics-endpoint-auth", False),
+                          ("--ha-enable-leader-election", False), ("--enable-cert-reload", False), ("--zap-devel", False)):
+        g.add_argument(flag, type=go_bool, nargs="?", const=True, default=default, help="(compatibility) Go-style boolean")
     return p
 
 
