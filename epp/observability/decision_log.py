@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from epp.scheduling.framework import LLMRequest, SchedulingError, SchedulingResult
@@ -14,17 +15,17 @@ TOP_N = 16
 
 def _profile_fields(result: SchedulingResult) -> dict[str, Any]:
     run = result.primary
-    totals = run.weighted_totals
-    keys = list(totals)
+    totals, keys = run.totals, run.scored_keys
+    idx = range(len(keys))
     truncated = len(keys) > FULL_DETAIL_MAX
     if truncated:
-        keys = sorted(keys, key=totals.__getitem__, reverse=True)[:TOP_N]
-    scores = {k: {s: per[k] for s, per in run.raw_scores.items() if k in per} for k in keys}
+        idx = heapq.nlargest(TOP_N, idx, key=totals.__getitem__)
+    per_scorer = run.scores.items()
     out: dict[str, Any] = {
         "scheduling_profile": run.profile,
         "candidates": len(run.candidates),
-        "scores": scores,
-        "totals": {k: round(totals[k], 6) for k in keys},
+        "scores": {keys[i]: {name: vals[i] for name, vals in per_scorer} for i in idx},
+        "totals": {keys[i]: round(totals[i], 6) for i in idx},
         "picker": run.picker,
     }
     if truncated:

@@ -101,16 +101,31 @@ class SchedulerProfile:
 
 @dataclass(slots=True)
 class ProfileRunResult:
-    """What one profile produced, including everything the decision log shows."""
+    """What one profile produced, including everything the decision log shows.
+
+    Scores are kept as lists aligned with `scored_keys` (cheap on the hot path); the per-endpoint
+    dicts `raw_scores` and `weighted_totals` are built only when something reads them.
+    """
 
     profile: str
     targets: list[Endpoint]  # picked, primary first; empty when the profile failed
     candidates: list[Endpoint]  # the endpoints the profile started from
     filtered_out: dict[str, list[str]] = field(default_factory=dict)  # filter name -> endpoint keys
-    raw_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer name -> key -> raw
-    weighted_totals: dict[str, float] = field(default_factory=dict)  # endpoint key -> Σ w·clamp(s)
+    scored_keys: list[str] = field(default_factory=list)  # endpoint keys that reached the scorers
+    scores: dict[str, list[float]] = field(default_factory=dict)  # scorer name -> clamped raw score per scored key
+    totals: list[float] = field(default_factory=list)  # Σ weight × clamped score per scored key
     picker: str = ""
     error: str | None = None
+
+    @property
+    def raw_scores(self) -> dict[str, dict[str, float]]:
+        """scorer name -> endpoint key -> raw score (clamped to [0, 1])."""
+        return {name: dict(zip(self.scored_keys, vals)) for name, vals in self.scores.items()}
+
+    @property
+    def weighted_totals(self) -> dict[str, float]:
+        """endpoint key -> Σ weight × clamped score."""
+        return dict(zip(self.scored_keys, self.totals))
 
 
 @dataclass(slots=True)

@@ -120,8 +120,9 @@ class Scheduler:
             clamped = [(1.0 if x > 1.0 else x) if x > 0.0 else 0.0 for x in raw]
             w = ws.weight
             totals = [t + c for t, c in zip(totals, clamped)] if w == 1.0 else [t + w * c for t, c in zip(totals, clamped)]
-            run.raw_scores[scorer.name] = dict(zip(keys, clamped))
-        run.weighted_totals = dict(zip(keys, totals))
+            run.scores[scorer.name] = clamped
+        run.scored_keys = keys
+        run.totals = totals
         picker = prof.picker
         if picker is None:
             run.error = f"profile {prof.name!r} has no picker"
