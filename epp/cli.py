@@ -141,11 +141,49 @@ def serve_main(argv: Sequence[str]) -> int:
         return 2
 
 
+def endpoints_main(argv: Sequence[str]) -> int:
+    """Print a running EPP's endpoints with their live metrics and configuration (EndpointPickerAdmin)."""
+    import grpc
+
+    from epp.admin.v1 import admin_pb2, admin_pb2_grpc
+
+    p = argparse.ArgumentParser(prog="epp endpoints", description=endpoints_main.__doc__)
+    p.add_argument("--address", default="127.0.0.1:9003", help="the EPP's gRPC health (or ext_proc, plaintext) address (default: %(default)s)")
+    args = p.parse_args(list(argv))
+    try:
+        with grpc.insecure_channel(args.address) as ch:
+            stub = admin_pb2_grpc.EndpointPickerAdminStub(ch)
+            desc = stub.DescribeScheduler(admin_pb2.DescribeSchedulerRequest(), timeout=5)
+            eps = stub.ListEndpoints(admin_pb2.ListEndpointsRequest(), timeout=5)
+    except grpc.RpcError as e:
+        print(f"epp endpoints: cannot reach the EPP at {args.address}: {e.code().name}", file=sys.stderr)
+        return 2
+    print(f"profile {desc.config_profile or '(custom)'} from {desc.source}; synced={eps.synced}")
+    for prof in desc.profiles:
+        scorers = ", ".join(f"{s.name}×{s.weight:g}" for s in prof.scorers) or "-"
+        print(f"  {prof.name}: filters {list(prof.filters) or '-'}; scorers {scorers}; picker {prof.picker}")
+    for e in eps.endpoints:
+        fields = [f"{e.name:28} {e.address}:{e.port:<6} kv-backend={e.kv_backend or '-'}"]
+        if e.HasField("metrics_age_seconds"):
+            fields.append(f"age={e.metrics_age_seconds:.1f}s")
+        for f in ("waiting", "running", "kv_cache_usage", "prefill_tokens_per_second"):
+            if e.HasField(f):
+                fields.append(f"{f}={getattr(e, f):g}")
+        if e.transfer_profile:
+            pts = e.transfer_profile
+            fields.append(f"transfer {pts[0].blocks}→{pts[-1].blocks} blocks: {pts[0].seconds * 1000:.1f}→{pts[-1].seconds * 1000:.1f} ms")
+        if e.scrape_error:
+            fields.append(f"scrape_error={e.scrape_error!r}")
+        print("  " + "  ".join(fields))
+    return 0
+
+
 USAGE = """usage: epp [serve] [flags]          run the endpoint picker (see `epp serve --help`)
        epp profiles list              named config profiles
        epp profiles show NAME         print a profile's YAML
        epp profiles validate FILE     check an EndpointPickerConfig (file:line errors)
        epp decisions [FILE|-]         summarise `Scoring decision` logs
+       epp endpoints [--address A]    what a running EPP knows about its endpoints (admin API)
 """
 
 
@@ -162,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from epp.observability.decisions_summary import main as decisions_main
 
         return decisions_main(argv[1:])
+    if argv and argv[0] == "endpoints":
+        return endpoints_main(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     return serve_main(argv)

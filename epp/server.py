@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from epp.admin.service import AdminService
+from epp.admin.service import add_to_server as add_admin
 from epp.config import build, resolve_config
 from epp.datastore import Datastore
 from epp.discovery.static_file import StaticFileDiscovery
@@ -71,6 +73,7 @@ class EPPServer:
             disable_subset_filter=o.disable_endpoint_subset_filter,
         )
         self.processor = ExternalProcessor(self.director, o.max_request_body_bytes)
+        self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
@@ -88,9 +91,11 @@ class EPPServer:
         self._grpc = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        add_admin(self.admin, self._grpc)
         self.ports["grpc"] = self._bind(self._grpc, o.grpc_port, creds)
         self._health_grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        add_admin(self.admin, self._health_grpc)
         self.ports["health"] = self._bind(self._health_grpc, o.grpc_health_port, None)
         await self._set_health(False)
         await self._grpc.start()
