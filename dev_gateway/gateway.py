@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import aiohttp
 import grpc
 from aiohttp import web
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from google.protobuf.struct_pb2 import Struct
+
+from extproc_loadgen.envoy_flow import headers_message
 
 DEST = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
@@ -38,16 +38,6 @@ class GatewayConfig:
     epp_tls: bool = False
     connect_timeout: float = 5.0
     upstream_timeout: float = 3600.0
-
-
-def _headers_msg(items: dict[str, str], *, request: bool, eos: bool, mode: int | None = None, metadata: Struct | None = None) -> pb.ProcessingRequest:
-    hm = pb.HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in items.items()]), end_of_stream=eos)
-    req = pb.ProcessingRequest(request_headers=hm) if request else pb.ProcessingRequest(response_headers=hm)
-    if mode is not None:
-        req.protocol_config.CopyFrom(pb.ProtocolConfiguration(request_body_mode=mode, response_body_mode=mode))
-    if metadata is not None:
-        req.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb": metadata}))
-    return req
 
 
 def _apply_headers(headers: dict[str, str], common: pb.CommonResponse) -> None:
@@ -125,7 +115,7 @@ class DevGateway:
         headers = {k.lower(): v for k, v in request.headers.items()}
         pseudo = {":method": request.method, ":path": request.path_qs, ":scheme": "http", ":authority": request.host}
         body_expected = request.can_read_body
-        await call.write(_headers_msg({**pseudo, **headers}, request=True, eos=not body_expected, mode=self.mode))
+        await call.write(headers_message({**pseudo, **headers}, request=True, end_of_stream=not body_expected, mode=self.cfg.body_mode))
         body = bytearray()
         metadata: dict[str, str] = {}
         if not body_expected:
@@ -189,10 +179,9 @@ class DevGateway:
         raise web.HTTPServiceUnavailable(text=f"upstream connect error to every destination {destinations}: {last}\n")
 
     async def _respond(self, request: web.Request, call, upstream: aiohttp.ClientResponse, served: str, full_duplex: bool) -> web.StreamResponse:
-        md = Struct()
-        md.update({SERVED: served})
         resp_headers = {k.lower(): v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        await call.write(_headers_msg({":status": str(upstream.status), **resp_headers}, request=False, eos=False, metadata=md))
+        await call.write(headers_message({":status": str(upstream.status), **resp_headers}, request=False,
+                                         filter_metadata={"envoy.lb": {SERVED: served}}))
         r = await self._read(call)
         _apply_headers(resp_headers, r.response_headers.response)
         resp_headers[SERVED] = served

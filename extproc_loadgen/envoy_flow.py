@@ -27,7 +27,13 @@ MODES = {
 
 
 def headers_message(headers: dict[str, str], *, end_of_stream: bool = False, request: bool = True,
-                    mode: str | None = None, subset: Sequence[str] | None = None) -> pb.ProcessingRequest:
+                    mode: str | None = None, subset: Sequence[str] | None = None,
+                    filter_metadata: dict[str, dict[str, Any]] | None = None) -> pb.ProcessingRequest:
+    """A request_headers (or response_headers) message as Envoy sends it.
+
+    `mode` is announced in `protocol_config`; `subset` becomes the `envoy.lb.subset_hint`;
+    `filter_metadata` adds namespaces to `metadata_context` (e.g. the served endpoint).
+    """
     hm = pb.HttpHeaders(
         headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]),
         end_of_stream=end_of_stream,
@@ -36,10 +42,15 @@ def headers_message(headers: dict[str, str], *, end_of_stream: bool = False, req
     if mode is not None:
         m = MODES[mode]
         req.protocol_config.CopyFrom(pb.ProtocolConfiguration(request_body_mode=m, response_body_mode=m))
+    namespaces = dict(filter_metadata or {})
     if subset is not None:
-        s = Struct()
-        s.update({"x-gateway-destination-endpoint-subset": list(subset)})
-        req.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb.subset_hint": s}))
+        namespaces["envoy.lb.subset_hint"] = {"x-gateway-destination-endpoint-subset": list(subset)}
+    if namespaces:
+        structs = {}
+        for ns, values in namespaces.items():
+            structs[ns] = Struct()
+            structs[ns].update(values)
+        req.metadata_context.CopyFrom(Metadata(filter_metadata=structs))
     return req
 
 
