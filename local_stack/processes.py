@@ -41,6 +41,22 @@ class ProcessGroup:
         self.children.append(child)
         return child
 
+    def run(self, name: str, args: Sequence[str], timeout: float) -> Child:
+        """A one-shot command (not a member of the group): waits for it; raises with the log's tail on failure."""
+        child = self.start(name, args)
+        self.children.remove(child)
+        try:
+            code = child.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
+            code = -1
+        finally:
+            child.log.close()
+        if code != 0:
+            raise RuntimeError(f"{name} failed (exit {code}); log {child.log_path}:\n{tail(child.log_path)}")
+        return child
+
     def wait_http(self, child: Child, url: str, timeout: float = 60.0) -> None:
         """Until `url` answers 200; raises with the log's tail if the child dies or time runs out."""
         deadline = time.monotonic() + timeout

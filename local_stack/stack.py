@@ -106,9 +106,7 @@ class LocalStack:
                     f"--{b.transfer}-link-gbps", str(b.link_gbps), f"--{b.transfer}-link-latency-ms", str(b.link_latency_ms),
                     "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                     "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
-            child = self.procs.start(f"profile-{b.label}", args)
-            if child.proc.wait(timeout=300) != 0:
-                raise RuntimeError(f"profiling {b.label} failed; see {child.log_path}")
+            self.procs.run(f"profile-{b.label}", args, timeout=300)
             path = dest / f"{b.transfer}.json"
             pts = json.loads(path.read_text())["points"]
             out[b.label] = path
