@@ -40,9 +40,19 @@ def build(args: argparse.Namespace) -> LocalStack:
 def up(args: argparse.Namespace) -> int:
     stack = build(args)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if not started.is_set():
+            raise KeyboardInterrupt  # abort the start-up; `finally` stops what already runs
+
+    # Explicit handlers: a shell may start background jobs with SIGINT ignored, and Ctrl-C must still work.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         stack.start(progress=lambda m: print(f"[epp-stack] {m}", flush=True))
+        started.set()
         print(f"""
 [epp-stack] ready: EPP profile `{stack.profile}`, gateway {stack.gateway_url}
   send a request:
