@@ -26,7 +26,7 @@ def headers(end_of_stream=False, mode=None, request=True, items=None):
     return ep.ProcessingRequest(**kw)
 
 
-@pytest.mark.parametrize("mode", [Mode.FULL_DUPLEX_STREAMED, Mode.BUFFERED])
+@pytest.mark.parametrize("mode", [Mode.FULL_DUPLEX_STREAMED, Mode.BUFFERED, Mode.STREAMED])
 async def test_independently_encoded_flow(epp, mode):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.ports['grpc']}") as channel:
         call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=ep.ProcessingResponse.parse)()
@@ -34,22 +34,23 @@ async def test_independently_encoded_flow(epp, mode):
         h = {":method": "POST", ":path": "/v1/completions", "x-request-id": "indep-1", "x-custom": "kept"}
         await call.write(headers(mode=mode, items=h))
         replies = []
-        if mode == Mode.BUFFERED:
+        deferred = mode == Mode.FULL_DUPLEX_STREAMED
+        if not deferred:  # BUFFERED and STREAMED: Envoy waits for the headers reply before sending the body
             replies.append(await call.read())
         await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
         while len(replies) < 2:
             replies.append(await call.read())
         head, tail = replies
         assert head.request_headers is not None
-        routing = tail.request_body.response if mode == Mode.BUFFERED else head.request_headers.response
+        routing = head.request_headers.response if deferred else tail.request_body.response
         set_headers = {o.header.key: o.header.raw_value.decode() for o in routing.header_mutation.set_headers}
         dest = set_headers["x-gateway-destination-endpoint"]
         assert dest in ("127.0.0.1:18081", "127.0.0.1:18082")
         assert routing.clear_route_cache is True
-        md = (tail if mode == Mode.BUFFERED else head).dynamic_metadata
+        md = (head if deferred else tail).dynamic_metadata
         assert md.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"].string_value == dest
         bm = tail.request_body.response.body_mutation
-        if mode == Mode.FULL_DUPLEX_STREAMED:
+        if deferred:
             assert bm.streamed_response.body == body and bm.streamed_response.end_of_stream
         else:
             assert bm.body == body
