@@ -131,3 +131,23 @@ async def test_epp_health_follows_the_pool_sync(api, tmp_path):
         assert sys.executable
     finally:
         procs.stop()
+
+
+def test_in_cluster_credentials_read_the_service_account(tmp_path, monkeypatch):
+    from epp.discovery import kubernetes as k8s
+    from epp.server import self_signed_certificate
+
+    _, cert = self_signed_certificate()
+    (tmp_path / "ca.crt").write_bytes(cert)
+    (tmp_path / "token").write_text("first-token\n")
+    monkeypatch.setattr(k8s, "SA_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    creds = k8s.in_cluster_credentials()
+    assert creds.server == "https://10.96.0.1:6443"
+    assert creds.auth_headers() == {"Authorization": "Bearer first-token"}
+    (tmp_path / "token").write_text("rotated-token")  # projected tokens rotate: read per request
+    assert creds.auth_headers() == {"Authorization": "Bearer rotated-token"}
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    with pytest.raises(RuntimeError, match="--kubeconfig"):
+        k8s.in_cluster_credentials()

@@ -70,3 +70,36 @@ async def test_gateway_body_modes(tmp_path, mode):
     finally:
         procs.stop()
         await runner.cleanup()
+
+
+async def test_several_destinations_and_fallback_on_connection_failure(tmp_path):
+    """The EPP returns two endpoints (comma list, primary first); the gateway falls back when the first refuses."""
+    up_port, dead_port = free_port(), free_port()
+    eps = tmp_path / "eps.yaml"
+    eps.write_text(f"endpoints:\n- {{name: dead, address: 127.0.0.1, port: {dead_port}}}\n- {{name: up, address: 127.0.0.1, port: {up_port}}}\n")
+    cfg = "plugins:\n- {type: random-picker, parameters: {maxNumOfEndpoints: 2}}\n"
+    runner = await upstream(up_port, "up")
+    procs = ProcessGroup(tmp_path / "logs")
+    g, h, m, gw = free_port(), free_port(), free_port(), free_port()
+    try:
+        epp = procs.start("epp", ["epp.cli", "--endpoints-file", str(eps), "--secure-serving=false", "--bind-address", "127.0.0.1",
+                                  "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m), "--config-text", cfg])
+        gwc = procs.start("gw", ["dev_gateway.cli", "--port", str(gw), "--epp", f"127.0.0.1:{g}"])
+        await asyncio.to_thread(procs.wait_http, epp, f"http://127.0.0.1:{m}/metrics")
+        served = set()
+        async with httpx.AsyncClient(timeout=30) as c:
+            for i in range(12):
+                for _ in range(100):
+                    try:
+                        r = await c.post(f"http://127.0.0.1:{gw}/v1/completions", json={"model": "m", "prompt": f"p{i}"})
+                        break
+                    except httpx.ConnectError:
+                        assert gwc.proc.poll() is None
+                        await asyncio.sleep(0.1)
+                assert r.status_code == 200 and r.json()["from"] == "up"
+                assert set(r.json()["dest"].split(",")) == {f"127.0.0.1:{dead_port}", f"127.0.0.1:{up_port}"}
+                served.add(r.headers["x-gateway-destination-endpoint-served"])
+        assert served == {f"127.0.0.1:{up_port}"}, "requests whose primary was dead were served by the next endpoint"
+    finally:
+        procs.stop()
+        await runner.cleanup()
