@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-timeout", type=float, default=3600.0, help="seconds for the decode leg")
     p.add_argument("--fallback-decode-only", action="store_true", help="when prefill fails, let decode compute the prompt")
     p.add_argument("--profile-file", default=None, help="KV-transfer profile JSON (kv-bandwidth-profiler) to publish")
+    p.add_argument("--heartbeat-port", type=int, default=0,
+                   help="accept instances registering by P2pNcclConnector heartbeats on this ZMQ port (0 = off; vLLM's proxy uses 30001)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between instance health/metrics reads")
     return p
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_backend=args.kv_backend, prefill_service=args.prefill_service, decode_service=args.decode_service,
             connect_timeout=args.connect_timeout, prefill_timeout=args.prefill_timeout, decode_timeout=args.decode_timeout,
             fallback_decode_only=args.fallback_decode_only, profile_file=args.profile_file, scrape_interval=args.scrape_interval,
+            heartbeat_port=args.heartbeat_port,
         ))
     except (ValueError, OSError) as e:
         print(f"pd-proxy: {e}", file=sys.stderr)

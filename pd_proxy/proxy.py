@@ -58,6 +58,8 @@ class ProxyConfig:
     fallback_decode_only: bool = False
     profile_file: str | None = None
     scrape_interval: float = 1.0
+    heartbeat_port: int = 0  # >0: accept instances registering by P2pNcclConnector heartbeats (ZMQ ROUTER)
+    heartbeat_host: str = "0.0.0.0"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,8 +77,8 @@ class PDProxy:
     def __init__(self, cfg: ProxyConfig) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}")
-        if not cfg.prefills or not cfg.decodes:
-            raise ValueError("give at least one --prefill and one --decode instance")
+        if (not cfg.prefills or not cfg.decodes) and not cfg.heartbeat_port:
+            raise ValueError("give at least one --prefill and one --decode instance, or --heartbeat-port for instances to register")
         if cfg.mode == "p2p-nccl":
             missing = [i.url for i in cfg.prefills + cfg.decodes if not i.kv_addr]
             if missing:
@@ -88,6 +90,12 @@ class PDProxy:
             self.load_profile(cfg.profile_file)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task | None = None
+        self.registry = None
+        if cfg.heartbeat_port:
+            from pd_proxy.heartbeats import HeartbeatRegistry
+
+            self.registry = HeartbeatRegistry(cfg.heartbeat_host, cfg.heartbeat_port, cfg.prefills, cfg.decodes,
+                                              on_change=lambda kind, action, url: print(f"pd-proxy: {kind} {action} {url}", flush=True))
 
     def load_profile(self, path: str) -> None:
         self.profile = json.loads(Path(path).read_text())
@@ -110,10 +118,14 @@ class PDProxy:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        if self.registry is not None:
+            await self.registry.start()
 
     async def _stop(self, app: web.Application) -> None:
         if self._scraper:
             self._scraper.cancel()
+        if self.registry is not None:
+            await self.registry.stop()
         if self.session:
             await self.session.close()
 
@@ -148,6 +160,9 @@ class PDProxy:
         if not isinstance(body, dict):
             m.finished("400")
             return error_response(400, "request body must be a JSON object", "BadRequestError")
+        if not self.cfg.prefills or not self.cfg.decodes:
+            m.finished("503")
+            return error_response(503, "no prefill or decode instance registered yet", "ServiceUnavailable")
         p, d = self._least_loaded(self.cfg.prefills), self._least_loaded(self.cfg.decodes)
         rid = self.request_id(p, d)
         prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
@@ -250,7 +265,7 @@ class PDProxy:
             return error_response(503, f"cannot reach decode {d.url}: {e}", "ServiceUnavailable")
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = any(i.healthy for i in self.cfg.prefills) and any(i.healthy for i in self.cfg.decodes)
+        ok = any(i.healthy for i in self.cfg.prefills) and any(i.healthy for i in self.cfg.decodes)  # False while none is registered
         state = {"prefill": {i.url: i.healthy for i in self.cfg.prefills}, "decode": {i.url: i.healthy for i in self.cfg.decodes}}
         return web.json_response({"healthy": ok, **state}, status=200 if ok else 503)
 

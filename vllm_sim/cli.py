@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-port", type=int, default=0, help="decode (nccl): KV listen port named in P2P request ids")
     g.add_argument("--kv-dir", default="/tmp/inference-epp-kv", help="fs: shared directory")
     g.add_argument("--kv-timeout", type=float, default=30.0, help="decode: seconds to wait for a request's KV")
+    g.add_argument("--proxy-heartbeat", default=None, metavar="HOST:PORT",
+                   help="register with a P/D proxy by P2pNcclConnector heartbeats (vLLM's proxy_ip:proxy_port)")
+    g.add_argument("--heartbeat-interval", type=float, default=3.0, help="seconds between heartbeats")
     g.add_argument("--link-gbps", type=float, default=0.0, help="link model bandwidth in GB/s (0 = as fast as the copy)")
     g.add_argument("--link-latency-ms", type=float, default=0.0, help="link model latency")
     g.add_argument("--num-layers", type=int, default=4, help="model shape: layers")
@@ -64,11 +67,16 @@ def config_from(args: argparse.Namespace) -> SimConfig:
     )
 
 
-async def serve(cfg: SimConfig, host: str, port: int) -> None:
+async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = None, interval: float = 3.0) -> None:
     sim = Simulator(cfg)
     runner = web.AppRunner(sim.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
+    beats = None
+    if heartbeat:
+        from vllm_sim.heartbeat import send_heartbeats
+
+        beats = asyncio.create_task(send_heartbeats(heartbeat, cfg.role, f"{host}:{port}", sim.kv.address, interval))
     print(f"vllm-sim {cfg.role} serving {cfg.model} on http://{host}:{port} (kv: {cfg.kv.backend}"
           f"{', listening on ' + sim.kv.address if cfg.role == 'decode' and cfg.kv.backend == 'nccl' else ''})", flush=True)
     stop = asyncio.Event()
@@ -76,6 +84,8 @@ async def serve(cfg: SimConfig, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if beats is not None:
+        beats.cancel()
     await runner.cleanup()
 
 
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_backend == "nccl" and args.role == "decode" and not args.kv_port:
         print("vllm-sim: --kv-port is required for a decode instance with --kv-backend nccl", file=sys.stderr)
         return 2
-    asyncio.run(serve(config_from(args), args.host, args.port))
+    asyncio.run(serve(config_from(args), args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
     sys.stdout.flush()
     os._exit(0)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
 

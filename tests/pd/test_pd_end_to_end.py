@@ -105,3 +105,33 @@ def test_client_disconnect_cancels_both_legs(pd_pair):
     while 'vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0' not in httpx.get(f"{pair['decode']}/metrics").text:
         assert time.monotonic() < deadline, "the decode leg was not cancelled"
         time.sleep(0.1)
+
+
+def test_instances_register_by_heartbeat(procs, tmp_path):
+    """vLLM's P2pNcclConnector heartbeats: instances join the proxy without flags, and leave when silent."""
+    import time
+
+    from tests.conftest import free_port
+
+    hb, proxy_port, http_p, http_d, kv_p, kv_d = (free_port() for _ in range(6))
+    x = procs.start("proxy", ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(proxy_port), "--mode", "p2p-nccl",
+                              "--kv-backend", "nvlink", "--heartbeat-port", str(hb), "--scrape-interval", "0.2"])
+    kv = ["--kv-backend", "nccl", "--proxy-heartbeat", f"127.0.0.1:{hb}", "--heartbeat-interval", "0.5"]
+    d = procs.start("decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_d), *kv])
+    p = procs.start("prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), "--kv-port", str(kv_p), *kv])
+    procs.wait_http(d, f"http://127.0.0.1:{http_d}/health")
+    procs.wait_http(p, f"http://127.0.0.1:{http_p}/health")
+    procs.wait_http(x, f"http://127.0.0.1:{proxy_port}/health", timeout=30)  # healthy once both registered
+    r = completion(f"http://127.0.0.1:{proxy_port}")
+    assert r.status_code == 200, r.text
+    m = P2P_ID.match(r.json()["id"])
+    assert m and int(m.group(1)) == kv_d, "the decode's KV address came from its heartbeat"
+    import os
+    import signal
+
+    os.killpg(d.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while httpx.get(f"http://127.0.0.1:{proxy_port}/health").status_code != 503:
+        assert time.monotonic() < deadline, "a silent decode was not dropped"
+        time.sleep(0.2)
+    assert completion(f"http://127.0.0.1:{proxy_port}").status_code == 503
