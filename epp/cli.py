@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Sequence
 
-from epp.util.duration import format_duration, parse_duration
+from epp.util.duration import parse_duration
 
 _TRUE = {"1", "t", "true", "yes", "y", "on"}
 _FALSE = {"0", "f", "false", "no", "n", "off"}
@@ -75,11 +75,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="named profile from profiles/ (env EPP_CONFIG_PROFILE; `default` when nothing is given)")
     g.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="larger request bodies are refused with 413 without being buffered")
-    g.add_argument("--request-timeout", type=_duration, default=600.0,
+    g.add_argument("--request-timeout", type=_duration, default="10m",
                    help="per-request state is released after this long even if the stream never ends (Go duration)")
-    g.add_argument("--refresh-metrics-interval", type=_duration, default=0.05,
+    g.add_argument("--refresh-metrics-interval", type=_duration, default="50ms",
                    help="how often endpoint /metrics are scraped, when a plugin needs them (Go duration)")
-    g.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
+    g.add_argument("--metrics-staleness-threshold", type=_duration, default="2s",
                    help="endpoint metrics older than this are reported stale (Go duration)")
     g = p.add_argument_group("Go EPP compatibility", "accepted so existing Deployments (Helm, SchedulerInstall) start unchanged; no effect here")
     for flag, default in (("--pool-group", "inference.networking.k8s.io"), ("--zap-encoder", "json"), ("--zap-log-level", "info"),
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve_main(argv)
 
 
-__all__ = ["main", "serve_parser", "go_bool", "normalize_go_flags", "format_duration"]
+__all__ = ["main", "serve_parser", "go_bool", "normalize_go_flags"]
 
 if __name__ == "__main__":
     sys.exit(main())

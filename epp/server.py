@@ -52,7 +52,6 @@ class ServerOptions:
     disable_endpoint_subset_filter: bool = False
     refresh_metrics_interval: float = 0.05
     metrics_staleness_threshold: float = 2.0
-    refresh_prometheus_metrics_interval: float = 5.0
 
 
 class EPPServer:

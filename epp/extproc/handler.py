@@ -14,7 +14,7 @@ released at the end, on trailers, on cancel/reset, or by the director's timeout.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import orjson
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -330,8 +330,3 @@ def _restore_model(body: bytes, model_from: bytes, model_to: bytes) -> bytes:
     spaced_from = model_from.replace(b'":', b'": ', 1)
     return body.replace(model_from, model_to).replace(spaced_from, model_to)
 
-
-def iter_responses(handler: StreamHandler, requests: Sequence[pb.ProcessingRequest]) -> Iterator[pb.ProcessingResponse]:
-    """Drive a handler synchronously (used by tests and the benchmark's in-process mode)."""
-    for r in requests:
-        yield from handler.handle(r)
