@@ -18,6 +18,12 @@ For each candidate endpoint e, this request's prompt of t tokens and its n outpu
   A pair prefills one prompt at a time and its link is FIFO, so the stage is serial. The work is
   forgotten when its response completes or the estimate has passed, whichever comes first.
 
+The model calibrates itself per endpoint: when a request it routed completes, the observed
+duration over the prediction made at routing time feeds an EWMA `calibration(e)` (clamped to
+[0.5, 3]), and predictions for *e* are multiplied by it. Whatever the model misses on a given
+pair — a decode batch that slows more than `batchSlowdown` says, a busy host — shows up there
+and moves traffic.
+
 Score = min over candidates of E2E / E2E(e): the predicted-fastest endpoint scores 1, one
 predicted twice as slow 0.5. TTFT alone would pile every request on the fastest fabric until
 its decode batch, not its link, becomes the bottleneck; E2E keeps both in view. The estimates
@@ -35,6 +41,7 @@ from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, Schedu
 from epp.scheduling.registry import PluginContext, register
 
 STATE_KEY = "predicted-latency"
+CALIBRATION_ALPHA = 0.1
 
 
 class PredictedLatencyScorer:
@@ -47,6 +54,9 @@ class PredictedLatencyScorer:
         self.batch_slowdown = batch_slowdown
         self.default_output_tokens = default_output_tokens
         self._inflight: dict[str, set[int]] = {}
+        self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
+        self._predicted: dict[int, tuple[str, float, float]] = {}  # id(request) -> (endpoint key, routed at, predicted E2E)
+        self._last_estimates: dict[str, dict[str, float]] | None = None
         self.default_prefill_tps = default_prefill_tps
         self.default_decode_spt = default_decode_spt
         self.clock = clock
@@ -76,8 +86,11 @@ class PredictedLatencyScorer:
             ttft = wait + prefill + xfer + spt
             n = request.max_tokens or self.default_output_tokens
             decode = max(0, n - 1) * spt * (1.0 + self.batch_slowdown * len(self._inflight.get(e.key, ())))
-            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "first_token": spt, "ttft": ttft, "e2e": ttft + decode}
+            k = self.calibration.get(e.key, 1.0)
+            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "first_token": spt, "ttft": ttft * k,
+                          "e2e": (ttft + decode) * k, "calibration": k}
         state.write(STATE_KEY, out)
+        self._last_estimates = out  # the cycle's estimates, for PreRequest of the same cycle
         return out
 
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
@@ -85,6 +98,7 @@ class PredictedLatencyScorer:
         best = min((v["e2e"] for v in est.values()), default=0.0)
         state.notes[self.name] = {"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
                                   "e2e_ms": {k: round(v["e2e"] * 1000, 2) for k, v in est.items()},
+                                  "calibration": {k: round(v["calibration"], 3) for k, v in est.items() if v["calibration"] != 1.0},
                                   "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}}
         return [1.0 if best <= 0 else best / est[e.key]["e2e"] for e in endpoints]
 
@@ -98,8 +112,18 @@ class PredictedLatencyScorer:
         start = now + self._wait(target.key, now)
         self._stage.setdefault(target.key, {})[id(request)] = (start, start + prefill + xfer, request)
         self._inflight.setdefault(target.key, set()).add(id(request))
+        predicted = (self._last_estimates or {}).get(target.key)
+        if predicted is not None:
+            self._predicted[id(request)] = (target.key, now, predicted["e2e"] / predicted.get("calibration", 1.0))
 
     def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
+        entry = self._predicted.pop(id(request), None)
+        if entry is not None and outcome == "success":
+            key, routed_at, predicted = entry
+            if predicted > 0:
+                ratio = min(3.0, max(0.5, (self.clock() - routed_at) / predicted))
+                old = self.calibration.get(key, 1.0)
+                self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
         for work in self._stage.values():
             work.pop(id(request), None)
         for ids in self._inflight.values():
@@ -108,6 +132,7 @@ class PredictedLatencyScorer:
     def forget_endpoint(self, endpoint: Endpoint) -> None:
         self._stage.pop(endpoint.key, None)
         self._inflight.pop(endpoint.key, None)
+        self.calibration.pop(endpoint.key, None)
 
 
 def _positive(name: str, field: str, v: Any) -> float:

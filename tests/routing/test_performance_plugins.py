@@ -109,3 +109,31 @@ def test_predicted_latency_model_and_booking():
     assert s._wait("fast", clock[0]) == pytest.approx(0.111 * 3)  # the last booking still ends at 3×
     clock[0] += 1.0
     assert s._wait("fast", clock[0]) == 0.0
+
+
+def test_predicted_latency_calibrates_from_observed_durations():
+    clock = [0.0]
+    s = make("predicted-latency-scorer", {"defaultPrefillTokensPerSecond": 10000, "defaultDecodeSecondsPerToken": 0.01})
+    s.clock = lambda: clock[0]
+    a, b = ep("a"), ep("b")
+    r = req(1000)
+    r.max_tokens = 11
+    assert s.score(CycleState(), r, [a, b]) == [1.0, 1.0]  # 0.1 + 0.01 + 10 × 0.01 = 0.21 s each
+    for _ in range(10):  # requests on `a` take twice what was predicted
+        x = req(1000)
+        x.max_tokens = 11
+        s.score(CycleState(), x, [a])
+        s.pre_request(x, result_for(a))
+        clock[0] += 0.42
+        s.response_complete(x, None, "success")
+    assert 1.5 < s.calibration["a"] < 2.0  # EWMA moving towards the observed 2×
+    st = CycleState()
+    scores = s.score(st, r, [a, b])
+    assert scores[1] == 1.0 and scores[0] < 0.7
+    assert st.notes["predicted-latency-scorer"]["calibration"]["a"] == pytest.approx(s.calibration["a"], abs=1e-3)
+    x = req(1000)
+    s.score(CycleState(), x, [a])
+    s.pre_request(x, result_for(a))
+    before = s.calibration["a"]
+    s.response_complete(x, None, "cancelled")  # only successes calibrate
+    assert s.calibration["a"] == before
