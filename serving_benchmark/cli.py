@@ -41,10 +41,27 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
+    a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
     return p
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv minus the given flags and their values (`--flag value` or `--flag=value`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if any(a.startswith(f + "=") for f in flags):
+            continue
+        out.append(a)
+    return out
 
 
 def scenarios(dists: str, qps: str) -> list[tuple[str, float]]:
@@ -59,6 +76,19 @@ def scenarios(dists: str, qps: str) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.repeat > 1:
+        from serving_benchmark.aggregate import aggregate
+
+        base = list(argv if argv is not None else sys.argv[1:])
+        runs = []
+        for i in range(args.repeat):
+            run_dir = str(Path(args.output_dir) / f"run{i + 1}")
+            code = main([*_without(base, "--repeat", "--output-dir"), "--output-dir", run_dir])
+            if code != 0:
+                return code
+            runs.append(run_dir)
+        print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name))
+        return 0
     profiles = [p.strip() for p in (args.compare_profiles or args.profile).split(",") if p.strip()]
     scens = scenarios(args.distribution, args.qps)
     out = Path(args.output_dir)
