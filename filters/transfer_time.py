@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
-from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
+from epp.scheduling.framework import CycleState, LLMRequest
 from epp.scheduling.estimates import transfer_estimates
-from epp.scheduling.registry import PluginContext, register
-from epp.util.duration import parse_duration
+from epp.scheduling.registry import PluginContext, positive_duration, register
 
 
 class TransferTimeFilter:
@@ -35,10 +34,5 @@ class TransferTimeFilter:
 
 @register("transfer-time-filter")
 def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> TransferTimeFilter:
-    try:
-        max_s = parse_duration(parameters.get("maxTransferTime", "100ms"))
-    except ValueError as e:
-        raise ConfigError(f"plugin {name!r}: maxTransferTime: {e}") from None
-    if max_s <= 0:
-        raise ConfigError(f"plugin {name!r}: maxTransferTime must be positive")
+    max_s = positive_duration(name, parameters, "maxTransferTime", "100ms")
     return TransferTimeFilter(name, max_s)

@@ -235,18 +235,23 @@ class PDProxy:
                     **({"x-kv-transfer-seconds": kv_s} if kv_s else {}),
                 })
                 await out.prepare(request)
-                first = True
+                first_at = None
                 async for chunk in r.content.iter_any():
-                    if first:
-                        m.ttft_seconds.observe(time.monotonic() - t0)
-                        first = False
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        m.ttft_seconds.observe(first_at - t0)
                     await out.write(chunk)
                 await out.write_eof()
-                decode_s = time.monotonic() - t
-                m.decode_seconds.observe(decode_s)
+                end = time.monotonic()
+                m.decode_seconds.observe(end - t)
                 out_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-                if isinstance(out_tokens, int) and out_tokens > 1:
-                    m.observe_decode_speed(decode_s / out_tokens)
+                # decoding only: a streamed response from its first byte on, a whole one less the KV wait the
+                # decode instance reported, so a slow fabric is not mistaken for a slow decoder
+                if isinstance(out_tokens, int) and out_tokens > 2:
+                    if body.get("stream") is True and first_at is not None:
+                        m.observe_decode_speed((end - first_at) / (out_tokens - 1))
+                    else:
+                        m.observe_decode_speed(max(0.0, end - t - float(kv_s or 0.0)) / out_tokens)
                 return out
         except aiohttp.ClientConnectorError as e:
             d.healthy = False

@@ -12,8 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, SchedulingResult
-from epp.scheduling.registry import PluginContext, register
-from epp.util.duration import parse_duration
+from epp.scheduling.registry import PluginContext, positive_duration, register
 
 DEFAULT_REQUEST_TIMEOUT = 120.0
 
@@ -90,18 +89,13 @@ class ActiveRequestScorer:
 
 @register("active-request-scorer")
 def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> ActiveRequestScorer:
-    try:
-        timeout = parse_duration(parameters.get("requestTimeout", DEFAULT_REQUEST_TIMEOUT))
-    except ValueError as e:
-        raise ConfigError(f"plugin {name!r}: requestTimeout: {e}") from None
+    timeout = positive_duration(name, parameters, "requestTimeout", DEFAULT_REQUEST_TIMEOUT)
     idle = parameters.get("idleThreshold", 0)
     if not isinstance(idle, int) or isinstance(idle, bool) or idle < 0:
         raise ConfigError(f"plugin {name!r}: idleThreshold must be an integer >= 0, got {idle!r}")
     busy = parameters.get("maxBusyScore", 1.0)
     if not isinstance(busy, (int, float)) or isinstance(busy, bool) or not 0.0 <= busy <= 1.0:
         raise ConfigError(f"plugin {name!r}: maxBusyScore must be a number in [0, 1], got {busy!r}")
-    if timeout <= 0:
-        raise ConfigError(f"plugin {name!r}: requestTimeout must be positive")
     scorer = ActiveRequestScorer(name, request_timeout=timeout, idle_threshold=idle, max_busy_score=float(busy))
     if ctx.datastore is not None:
         ctx.datastore.on_removal(scorer.forget_endpoint)

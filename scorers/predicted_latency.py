@@ -1,38 +1,45 @@
-"""predicted-latency-scorer: prefer the endpoint predicted to finish this request first.
+"""predicted-latency-scorer: send each request where it costs the least time, its own and others'.
 
-For each candidate endpoint e, this request's prompt of t tokens and its n output tokens:
+For each candidate endpoint e, this request's prompt of t tokens and its n output tokens, with
+k requests already in flight on e:
 
-    TTFT(e) = wait(e) + t / prefill_tps(e) + transfer(e, t) + decode_spt(e)
-    E2E(e)  = TTFT(e) + (n − 1) × decode_spt(e) × (1 + batchSlowdown × inflight(e))
+    TTFT(e)  = wait(e) + t / prefill_tps(e) + transfer(e, t) + spt(e)
+    E2E(e)   = TTFT(e) + (n − 1) × spt(e) × (1 + batchSlowdown × k)
+    delay(e) = batchSlowdown × spt(e) × Σ_i min(remaining_i, n − 1)      over the k in flight on e
+    cost(e)  = calibration(e) × (E2E(e) + contentionWeight × delay(e))
+    score(e) = min over candidates of cost / cost(e)
 
 * transfer(e, t): the endpoint's measured KV-transfer profile at t tokens (0 without a profile);
-* prefill_tps, decode_spt: the proxy's measured prefill speed and time per output token
-  (`pdproxy_prefill_tokens_per_second`, `pdproxy_decode_seconds_per_token`), or the plugin's
-  defaults until the endpoint has measured them;
-* inflight(e): requests this EPP has routed to e and not yet seen finish; the decode batch
-  grows with it and each token slows by `batchSlowdown` per extra sequence (default 0.05);
+* prefill_tps: the proxy's measured prefill speed (`pdproxy_prefill_tokens_per_second`);
+* spt(e): the unloaded time per output token: the proxy's measured decode time per token
+  (`pdproxy_decode_seconds_per_token`, measured under the load of the moment) divided by that
+  load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. Until an
+  endpoint has measured its speeds the plugin's defaults stand in;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
-* wait(e): how long work this EPP already sent to e keeps its prefill-and-transfer stage busy.
-  Every scheduled request pushes e's `busy_until` by its own prefill + transfer estimate, so the
-  queue is known the moment a request is routed — no scrape lag, which matters in bursts.
-  A pair prefills one prompt at a time and its link is FIFO, so the stage is serial. The work is
-  forgotten when its response completes or the estimate has passed, whichever comes first.
+* wait(e): how long work this EPP already sent to e keeps its serial prefill-and-transfer stage
+  busy. Every scheduled request pushes e's stage by its own prefill + transfer estimate, so the
+  queue is known the moment a request is routed — no scrape lag, which matters in bursts;
+* delay(e): what this request costs the others. Joining a decode batch of k slows each of their
+  remaining tokens by `batchSlowdown × spt`, for as long as both decode. remaining_i is
+  estimated from what this EPP routed: request i's output budget less the tokens it has had
+  time to produce since its predicted first token.
+
+Minimising E2E alone is each request's selfish best, and it overloads the fast fabric: every
+request sees "nvlink is quicker for me" until nvlink's decode batch has slowed everyone on it.
+Adding the delay it imposes makes the sum of all latencies what is minimised (with
+`contentionWeight` 1): long prompts, whose transfer time differs most between fabrics, go to the
+fast one, and short prompts fill the slow one, where their transfer costs little.
 
 The model calibrates itself per endpoint: when a request it routed completes, the observed
-duration over the prediction made at routing time feeds an EWMA `calibration(e)` (clamped to
-[0.5, 3]), and predictions for *e* are multiplied by it. Whatever the model misses on a given
-pair — a decode batch that slows more than `batchSlowdown` says, a busy host — shows up there
-and moves traffic.
-
-Score = min over candidates of E2E / E2E(e): the predicted-fastest endpoint scores 1, one
-predicted twice as slow 0.5. TTFT alone would pile every request on the fastest fabric until
-its decode batch, not its link, becomes the bottleneck; E2E keeps both in view. The estimates
-(TTFT, E2E, queue wait) appear in the decision log.
+duration over the E2E predicted at routing time feeds an EWMA `calibration(e)` (clamped to
+[0.5, 3]). Whatever the model misses on a pair — a busy host, a prefill speed measured under
+other load — shows up there and moves traffic. The estimates appear in the decision log.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
@@ -44,114 +51,143 @@ STATE_KEY = "predicted-latency"
 CALIBRATION_ALPHA = 0.1
 
 
+@dataclass(slots=True)
+class Flight:
+    """A request this scorer routed, until its response completes."""
+
+    key: str  # endpoint
+    routed_at: float
+    stage_start: float  # its prefill + transfer begin when what was booked before it is done
+    stage_end: float
+    output_tokens: int
+    predicted: float  # uncalibrated E2E at routing time
+    request: LLMRequest  # held so that id(request) cannot be reused while tracked
+
+
 class PredictedLatencyScorer:
     type_name = "predicted-latency-scorer"
     needs_metrics = True
 
     def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic,
-                 batch_slowdown: float = 0.05, default_output_tokens: int = 64) -> None:
+                 batch_slowdown: float = 0.05, default_output_tokens: int = 64, contention_weight: float = 1.0) -> None:
         self.name = name
         self.batch_slowdown = batch_slowdown
         self.default_output_tokens = default_output_tokens
-        self._inflight: dict[str, set[int]] = {}
-        self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
-        self._predicted: dict[int, tuple[str, float, float]] = {}  # id(request) -> (endpoint key, routed at, predicted E2E)
-        self._last_estimates: dict[str, dict[str, float]] | None = None
+        self.contention_weight = contention_weight
         self.default_prefill_tps = default_prefill_tps
         self.default_decode_spt = default_decode_spt
         self.clock = clock
-        # endpoint key -> id(request) -> (stage start, stage end, request) for work still occupying the stage
-        self._stage: dict[str, dict[int, tuple[float, float, LLMRequest]]] = {}
+        self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
+        self._flights: dict[str, dict[int, Flight]] = {}  # endpoint key -> id(request) -> flight
+        self._where: dict[int, str] = {}  # id(request) -> endpoint key
+        self._last: dict[str, dict[str, float]] | None = None
 
+    # -- the model --------------------------------------------------------------------------------
     def _wait(self, key: str, now: float) -> float:
         """Seconds until the endpoint's serial prefill+transfer stage is free, from this EPP's own routing."""
-        work = self._stage.get(key)
-        if not work:
+        end = max((f.stage_end for f in self._flights.get(key, {}).values()), default=now)
+        return max(0.0, end - now)
+
+    def _speeds(self, e: Endpoint, k: int) -> tuple[float, float]:
+        m = e.metrics
+        tps = m.prefill_tokens_per_second or self.default_prefill_tps
+        spt = m.decode_seconds_per_token
+        spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else self.default_decode_spt
+        return tps, spt
+
+    def _delay(self, flights: Sequence[Flight], n: int, spt: float, now: float) -> float:
+        """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
+        if not flights or self.batch_slowdown <= 0:
             return 0.0
-        for rid in [r for r, (_, end, _req) in work.items() if end <= now]:
-            del work[rid]
-        return max((end for _, end, _r in work.values()), default=now) - now
+        per_token = spt * (1.0 + self.batch_slowdown * (len(flights) - 1))
+        total = 0
+        for f in flights:
+            decoding_since = f.stage_end + spt
+            done = (now - decoding_since) / per_token if now > decoding_since else 0.0
+            total += min(max(0.0, f.output_tokens - done), n - 1)
+        return self.batch_slowdown * spt * total
 
     def estimate(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> dict[str, dict[str, float]]:
         now = self.clock()
         transfer = transfer_estimates(state, request, endpoints)
+        n = request.max_tokens or self.default_output_tokens
         out = {}
         for e in endpoints:
-            m = e.metrics
-            tps = m.prefill_tokens_per_second or self.default_prefill_tps
-            spt = m.decode_seconds_per_token or self.default_decode_spt
+            flights = list(self._flights.get(e.key, {}).values())
+            k = len(flights)
+            tps, spt = self._speeds(e, k)
             prefill = request.prompt_tokens / tps
             xfer = transfer.get(e.key, 0.0)
             wait = self._wait(e.key, now)
             ttft = wait + prefill + xfer + spt
-            n = request.max_tokens or self.default_output_tokens
-            decode = max(0, n - 1) * spt * (1.0 + self.batch_slowdown * len(self._inflight.get(e.key, ())))
-            k = self.calibration.get(e.key, 1.0)
-            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "first_token": spt, "ttft": ttft * k,
-                          "e2e": (ttft + decode) * k, "calibration": k}
+            e2e = ttft + max(0, n - 1) * spt * (1.0 + self.batch_slowdown * k)
+            delay = self._delay(flights, n, spt, now)
+            c = self.calibration.get(e.key, 1.0)
+            out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "spt": spt, "ttft": ttft * c, "e2e": e2e * c,
+                          "raw_e2e": e2e, "delay": delay * c, "cost": (e2e + self.contention_weight * delay) * c, "calibration": c}
         state.write(STATE_KEY, out)
-        self._last_estimates = out  # the cycle's estimates, for PreRequest of the same cycle
+        self._last = out  # the cycle's estimates, for PreRequest of the same cycle
         return out
 
+    # -- scorer -----------------------------------------------------------------------------------
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         est = self.estimate(state, request, endpoints)
-        best = min((v["e2e"] for v in est.values()), default=0.0)
+        best = min((v["cost"] for v in est.values()), default=0.0)
         state.notes[self.name] = {"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
                                   "e2e_ms": {k: round(v["e2e"] * 1000, 2) for k, v in est.items()},
+                                  "delay_to_others_ms": {k: round(v["delay"] * 1000, 2) for k, v in est.items() if v["delay"] > 0},
                                   "calibration": {k: round(v["calibration"], 3) for k, v in est.items() if v["calibration"] != 1.0},
                                   "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}}
-        return [1.0 if best <= 0 else best / est[e.key]["e2e"] for e in endpoints]
+        return [1.0 if best <= 0 else best / est[e.key]["cost"] for e in endpoints]
 
+    # -- lifecycle --------------------------------------------------------------------------------
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
-        """Book the chosen endpoint's stage: this request's prefill + transfer run after what is queued."""
+        """Book the chosen endpoint: its stage runs this prefill + transfer after what is queued; its batch grows."""
         target = result.targets[0]
         now = self.clock()
-        prefill = request.prompt_tokens / (target.metrics.prefill_tokens_per_second or self.default_prefill_tps)
-        prof = target.metrics.transfer_profile
-        xfer = prof.seconds_for_tokens(request.prompt_tokens) if prof is not None else 0.0
+        est = (self._last or {}).get(target.key)
+        if est is None:  # scored by another plugin only: estimate for this endpoint now
+            est = self.estimate(CycleState(), request, [target])[target.key]
         start = now + self._wait(target.key, now)
-        self._stage.setdefault(target.key, {})[id(request)] = (start, start + prefill + xfer, request)
-        self._inflight.setdefault(target.key, set()).add(id(request))
-        predicted = (self._last_estimates or {}).get(target.key)
-        if predicted is not None:
-            self._predicted[id(request)] = (target.key, now, predicted["e2e"] / predicted.get("calibration", 1.0))
+        rid = id(request)
+        self.response_complete(request, result, "rescheduled")  # one booking per request
+        self._flights.setdefault(target.key, {})[rid] = Flight(
+            target.key, now, start, start + est["prefill"] + est["transfer"], request.max_tokens or self.default_output_tokens,
+            est["raw_e2e"], request)
+        self._where[rid] = target.key
 
-    def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
-        entry = self._predicted.pop(id(request), None)
-        if entry is not None and outcome == "success":
-            key, routed_at, predicted = entry
-            if predicted > 0:
-                ratio = min(3.0, max(0.5, (self.clock() - routed_at) / predicted))
-                old = self.calibration.get(key, 1.0)
-                self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
-        for work in self._stage.values():
-            work.pop(id(request), None)
-        for ids in self._inflight.values():
-            ids.discard(id(request))
+    def response_complete(self, request: LLMRequest, result: SchedulingResult | None, outcome: str) -> None:
+        key = self._where.pop(id(request), None)
+        if key is None:
+            return
+        flight = self._flights.get(key, {}).pop(id(request), None)
+        if flight is not None and outcome == "success" and flight.predicted > 0:
+            ratio = min(3.0, max(0.5, (self.clock() - flight.routed_at) / flight.predicted))
+            old = self.calibration.get(key, 1.0)
+            self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
-        self._stage.pop(endpoint.key, None)
-        self._inflight.pop(endpoint.key, None)
+        for rid in self._flights.pop(endpoint.key, {}):
+            self._where.pop(rid, None)
         self.calibration.pop(endpoint.key, None)
 
 
-def _positive(name: str, field: str, v: Any) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"plugin {name!r}: {field} must be a positive number, got {v!r}")
+def _number(name: str, field: str, v: Any, *, positive: bool) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (positive and v == 0):
+        raise ConfigError(f"plugin {name!r}: {field} must be a {'positive number' if positive else 'number >= 0'}, got {v!r}")
     return float(v)
 
 
 @register("predicted-latency-scorer")
 def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> PredictedLatencyScorer:
-    slowdown = parameters.get("batchSlowdown", 0.05)
-    if not isinstance(slowdown, (int, float)) or isinstance(slowdown, bool) or slowdown < 0:
-        raise ConfigError(f"plugin {name!r}: batchSlowdown must be a number >= 0, got {slowdown!r}")
+    p = parameters.get
     s = PredictedLatencyScorer(
         name,
-        _positive(name, "defaultPrefillTokensPerSecond", parameters.get("defaultPrefillTokensPerSecond", 20000.0)),
-        _positive(name, "defaultDecodeSecondsPerToken", parameters.get("defaultDecodeSecondsPerToken", 0.01)),
-        batch_slowdown=float(slowdown),
-        default_output_tokens=int(_positive(name, "defaultOutputTokens", parameters.get("defaultOutputTokens", 64))),
+        _number(name, "defaultPrefillTokensPerSecond", p("defaultPrefillTokensPerSecond", 20000.0), positive=True),
+        _number(name, "defaultDecodeSecondsPerToken", p("defaultDecodeSecondsPerToken", 0.01), positive=True),
+        batch_slowdown=_number(name, "batchSlowdown", p("batchSlowdown", 0.05), positive=False),
+        default_output_tokens=int(_number(name, "defaultOutputTokens", p("defaultOutputTokens", 64), positive=True)),
+        contention_weight=_number(name, "contentionWeight", p("contentionWeight", 1.0), positive=False),
     )
     if ctx.datastore is not None:
         ctx.datastore.on_removal(s.forget_endpoint)

@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
 from epp.scheduling.framework import ConfigError, Plugin
+from epp.util.duration import parse_duration
 
 ENTRY_POINT_GROUP = "inference_epp.plugins"
 # Plugin modules shipped with the project; used when the distribution is not installed
@@ -87,3 +88,14 @@ def create(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx:
     reg = lookup(type_name)
     plugin = reg.factory(name, dict(parameters or {}), ctx)
     return plugin
+
+
+def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, default: str | float) -> float:
+    """A plugin's Go-duration parameter in seconds; a ConfigError naming the plugin and field otherwise."""
+    try:
+        seconds = parse_duration(parameters.get(field, default))
+    except ValueError as e:
+        raise ConfigError(f"plugin {plugin!r}: {field}: {e}") from None
+    if seconds <= 0:
+        raise ConfigError(f"plugin {plugin!r}: {field} must be positive, got {parameters.get(field)!r}")
+    return seconds

@@ -135,3 +135,15 @@ def test_instances_register_by_heartbeat(procs, tmp_path):
         assert time.monotonic() < deadline, "a silent decode was not dropped"
         time.sleep(0.2)
     assert completion(f"http://127.0.0.1:{proxy_port}").status_code == 503
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_decode_speed_leaves_out_the_kv_wait(pd_pair, stream):
+    """A slow fabric must not read as a slow decoder: the EPP adds the transfer time from the profile itself."""
+    pair = pd_pair("fs", link_gbps=0.005)
+    r = completion(pair["proxy"], stream=stream, max_tokens=8)
+    assert r.status_code == 200
+    kv_wait = float(r.headers["x-kv-transfer-seconds"])
+    assert kv_wait > 0.05, kv_wait  # long enough that counting it would show: > 6 ms on each of 8 tokens
+    m = re.search(r'pdproxy_decode_seconds_per_token\{kv_backend="fs"\} ([0-9.e-]+)', httpx.get(f"{pair['proxy']}/metrics").text)
+    assert m and 0 < float(m.group(1)) < 0.006, m and m.group(1)  # the simulator decodes at 2 ms per token

@@ -6,7 +6,7 @@ import pytest
 
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, TransferProfile
 from epp.scheduling import registry
-from epp.scheduling.framework import CycleState, LLMRequest, ProfileRunResult, SchedulingResult
+from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, ProfileRunResult, SchedulingResult
 from epp.scheduling.registry import PluginContext
 
 FAST = TransferProfile(blocks=(1, 10, 100), seconds=(0.001, 0.002, 0.011), block_tokens=16, backend="nvlink")
@@ -39,10 +39,20 @@ def test_transfer_bandwidth_scorer_and_no_profile_fallback():
     s = make("transfer-bandwidth-scorer")
     st = CycleState()
     scores = s.score(st, req(160), [ep("fast", FAST), ep("slow", SLOW), ep("none")])
-    assert scores == [1.0, pytest.approx(0.1), 0.5]
+    assert scores == [1.0, pytest.approx(1 / (1 + 0.018 / 0.1)), 0.5]  # 2 vs 20 ms: 18 ms lost of a 100 ms scale
     assert st.notes["transfer-bandwidth-scorer"]["no_profile"] == ["none"]
     assert st.notes["transfer-bandwidth-scorer"]["estimate_ms"] == {"fast": 2.0, "slow": 20.0}
     assert s.score(CycleState(), req(), [ep("a"), ep("b")]) == [0.5, 0.5]  # no data anywhere: neutral, no error
+
+
+def test_transfer_bandwidth_scorer_weighs_time_lost_not_speed_ratio():
+    s = make("transfer-bandwidth-scorer", {"timeScale": "50ms"})
+    short = s.score(CycleState(), req(16), [ep("fast", FAST), ep("slow", SLOW)])  # 1 vs 5 ms: 5x slower, 4 ms lost
+    long = s.score(CycleState(), req(100 * 16), [ep("fast", FAST), ep("slow", SLOW)])  # 11 vs 110 ms: 10x, 99 ms lost
+    assert short == [1.0, pytest.approx(1 / (1 + 0.004 / 0.05))] and short[1] > 0.9
+    assert long == [1.0, pytest.approx(1 / (1 + 0.099 / 0.05))] and long[1] < 0.35
+    with pytest.raises(ConfigError, match="timeScale"):
+        make("transfer-bandwidth-scorer", {"timeScale": "soon"})
 
 
 def test_transfer_time_filter_guardrail():
@@ -92,8 +102,9 @@ def test_predicted_latency_model_and_booking():
     assert est["fast"]["ttft"] == pytest.approx(0.1 + 0.011 + 0.01)
     assert est["slow"]["ttft"] == pytest.approx(0.05 + 0.110 + 0.01)
     assert est["fast"]["e2e"] == pytest.approx(0.121 + 10 * 0.01)  # idle batch: no slowdown
+    assert est["fast"]["delay"] == 0.0 and est["fast"]["cost"] == est["fast"]["e2e"]
     assert scores[0] == 1.0 and scores[1] == pytest.approx(0.221 / 0.27)
-    # book three requests on `fast`: its stage is busy, so `slow` becomes the better choice
+    # book three requests on `fast`: its stage is busy and its batch grows, so `slow` becomes the better choice
     reqs = [req(1600) for _ in range(3)]
     for r in reqs:
         s.pre_request(r, result_for(fast))
@@ -102,13 +113,50 @@ def test_predicted_latency_model_and_booking():
     est = st.read("predicted-latency")
     assert est["fast"]["wait"] == pytest.approx(3 * 0.111)
     assert est["fast"]["e2e"] == pytest.approx(4 * 0.111 + 0.01 + 63 * 0.01 * 1.15)  # 3 in flight: batch 15% slower
+    # none of the three has started decoding: each will be slowed for all 63 of this request's later tokens
+    assert est["fast"]["delay"] == pytest.approx(0.05 * 0.01 * 3 * 63)
     assert scores[1] == 1.0 and scores[0] < 1.0
-    # completions release the booking; time passing does too
+    assert st.notes["predicted-latency-scorer"]["delay_to_others_ms"] == {"fast": pytest.approx(94.5)}
+    # completions release the booking; time passing frees the stage
     for r in reqs[:2]:
         s.response_complete(r, None, "success")
     assert s._wait("fast", clock[0]) == pytest.approx(0.111 * 3)  # the last booking still ends at 3×
     clock[0] += 1.0
     assert s._wait("fast", clock[0]) == 0.0
+    s.response_complete(reqs[2], None, "success")
+    assert s._flights["fast"] == {} and s._where == {}
+
+
+def test_predicted_latency_measured_decode_speed_is_unloaded():
+    s = make("predicted-latency-scorer", {"batchSlowdown": 0.1})
+    e = ep("e", decode_seconds_per_token=0.015)
+    for _ in range(3):
+        s.pre_request(req(16), result_for(e))
+    st = CycleState()
+    s.score(st, req(16), [e])
+    assert st.read("predicted-latency")["e"]["spt"] == pytest.approx(0.015 / 1.2)  # measured with 3 in the batch
+
+
+@pytest.mark.parametrize("weight, expected", [(0.0, "fast"), (1.0, "slow")])
+def test_predicted_latency_counts_the_delay_imposed_on_the_batch(weight, expected):
+    """Selfishly the fast fabric is quicker; counting what joining its batch costs the others, the slow one is."""
+    clock = [100.0]
+    s = make("predicted-latency-scorer", {"defaultPrefillTokensPerSecond": 16000, "defaultDecodeSecondsPerToken": 0.01,
+                                          "contentionWeight": weight})
+    s.clock = lambda: clock[0]
+    fast, slow = ep("fast", FAST), ep("slow", SLOW)
+    running = req(16)
+    running.max_tokens = 64
+    s.pre_request(running, result_for(fast))
+    clock[0] += 0.05  # its prefill and transfer are done; it has decoded a few tokens
+    r = req(800)  # 50 blocks: 6 ms over nvlink, 60 ms over fs
+    r.max_tokens = 64
+    st = CycleState()
+    scores = s.score(st, r, [fast, slow])
+    est = st.read("predicted-latency")
+    assert est["fast"]["e2e"] < est["slow"]["e2e"]  # its own latency favours the fast fabric
+    assert 0.025 < est["fast"]["delay"] < 0.0315  # ≈ 60 remaining tokens × 5% × 10 ms
+    assert scores[["fast", "slow"].index(expected)] == 1.0
 
 
 def test_predicted_latency_calibrates_from_observed_durations():
