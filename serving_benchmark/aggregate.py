@@ -4,7 +4,8 @@
 
 reads each run's `<name>_comparison.json` (written by `epp-bench --compare-profiles`) and writes
 `<name>_median_comparison.{md,json,png}`: per profile and scenario, the median over runs of each
-figure, and how many runs each profile beat the `--baseline` profile on every figure.
+figure, and how many runs each profile beat the `--baseline` profile on every figure; and
+`<name>_median_relative.png`, every figure as a percentage of the baseline's.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def aggregate(dirs: list[str], out_dir: str, name: str = "bench", baseline: str 
     (out / f"{name}_median_comparison.md").write_text(text + "\n")
     (out / f"{name}_median_comparison.json").write_text(json.dumps({"runs": dirs, "rows": rows, "wins": wins(runs, baseline)}, indent=1))
     comparison_plot(rows, out / f"{name}_median_comparison.png")
+    if any(r["profile"] == baseline for r in rows):
+        comparison_plot(rows, out / f"{name}_median_relative.png", baseline)
     return text
 
 

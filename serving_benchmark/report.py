@@ -88,28 +88,46 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def comparison_plot(rows: list[dict], path: Path) -> None:
+def comparison_plot(rows: list[dict], path: Path, baseline: str | None = None) -> None:
+    """Bars of the four figures per scenario and profile; with `baseline`, as % of that profile's figure.
+
+    A burst's seconds dwarf a light load's milliseconds on one axis; relative bars show every
+    scenario's differences at the same scale, with 100% marking the baseline.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
-    profiles = list(dict.fromkeys(r["profile"] for r in rows))
+    every = list(dict.fromkeys(r["profile"] for r in rows))
+    colour = {p: f"C{i}" for i, p in enumerate(every)}  # a profile keeps its colour in both kinds of plot
+    profiles = [p for p in every if p != baseline]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
     width = 0.8 / max(1, len(profiles))
+
+    def figure(prof: str, sc: str, metric: str, stat: str) -> float:
+        match = [r for r in rows if r["scenario"] == sc and r["profile"] == prof]
+        return match[0]["summary"][metric].get(stat, 0.0) * 1000 if match else 0.0
+
     for (ax, metric, stat) in ((axes[0][0], "ttft_s", "mean"), (axes[0][1], "ttft_s", "p99"), (axes[1][0], "e2e_s", "mean"), (axes[1][1], "e2e_s", "p99")):
         for i, prof in enumerate(profiles):
-            vals = []
-            for sc in scenarios:
-                match = [r for r in rows if r["scenario"] == sc and r["profile"] == prof]
-                vals.append(match[0]["summary"][metric].get(stat, 0.0) * 1000 if match else 0.0)
-            ax.bar([x + i * width for x in range(len(scenarios))], vals, width, label=prof)
-        ax.set_title(f"{'TTFT' if metric == 'ttft_s' else 'end-to-end'} {stat} (ms)")
+            vals = [figure(prof, sc, metric, stat) for sc in scenarios]
+            if baseline is not None:
+                base = [figure(baseline, sc, metric, stat) for sc in scenarios]
+                vals = [100.0 * v / b if b > 0 else 0.0 for v, b in zip(vals, base)]
+            ax.bar([x + i * width for x in range(len(scenarios))], vals, width, label=prof, color=colour[prof])
+        name = f"{'TTFT' if metric == 'ttft_s' else 'end-to-end'} {stat}"
+        if baseline is not None:
+            ax.axhline(100.0, color="black", linewidth=1, linestyle="--")
+            ax.set_title(f"{name} (% of {baseline}; lower is better)")
+        else:
+            ax.set_title(f"{name} (ms)")
         ax.set_xticks([x + width * (len(profiles) - 1) / 2 for x in range(len(scenarios))])
         ax.set_xticklabels(scenarios, rotation=20)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(profiles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,3 +51,4 @@ def test_medians_and_win_counts(tmp_path):
     assert "| poisson@5 | fast | 100 ms | 200 ms | 900 ms | 1800 ms | 50% | 2/3 |" in text
     assert "| poisson@5 | proxy-performance | 200 ms | 400 ms | 1000 ms | 2000 ms | 50% | – |" in text
     assert (tmp_path / "out" / "bench_median_comparison.png").exists()
+    assert (tmp_path / "out" / "bench_median_relative.png").exists()  # figures as % of the baseline's
