@@ -14,7 +14,9 @@ k requests already in flight on e:
 * spt(e): the unloaded time per output token: the proxy's measured decode time per token
   (`pdproxy_decode_seconds_per_token`, measured under the load of the moment) divided by that
   load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. Until an
-  endpoint has measured its speeds the plugin's defaults stand in;
+  endpoint has measured its speeds the plugin's defaults stand in; speeds older than the
+  metrics-staleness threshold are still used (a speed changes slowly; the load terms come from
+  this EPP's own bookings, not from scrapes) and those endpoints are named in the log;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
 * wait(e): how long work this EPP already sent to e keeps its serial prefill-and-transfer stage
   busy. Every scheduled request pushes e's stage by its own prefill + transfer estimate, so the
@@ -69,8 +71,10 @@ class PredictedLatencyScorer:
     needs_metrics = True
 
     def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic,
-                 batch_slowdown: float = 0.05, default_output_tokens: int = 64, contention_weight: float = 1.0) -> None:
+                 batch_slowdown: float = 0.05, default_output_tokens: int = 64, contention_weight: float = 1.0,
+                 staleness: float = 2.0) -> None:
         self.name = name
+        self.staleness = staleness
         self.batch_slowdown = batch_slowdown
         self.default_output_tokens = default_output_tokens
         self.contention_weight = contention_weight
@@ -112,6 +116,10 @@ class PredictedLatencyScorer:
         transfer = transfer_estimates(state, request, endpoints)
         n = request.max_tokens or self.default_output_tokens
         out = {}
+        wall = time.monotonic()  # metrics carry monotonic timestamps, whatever clock the bookings use
+        stale = [e.key for e in endpoints if e.metrics.age(wall) > self.staleness]
+        if stale:
+            state.notes.setdefault(self.name, {})["no_fresh_metrics"] = stale
         for e in endpoints:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
@@ -133,11 +141,11 @@ class PredictedLatencyScorer:
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         est = self.estimate(state, request, endpoints)
         best = min((v["cost"] for v in est.values()), default=0.0)
-        state.notes[self.name] = {"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
+        state.notes.setdefault(self.name, {}).update({"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
                                   "e2e_ms": {k: round(v["e2e"] * 1000, 2) for k, v in est.items()},
                                   "delay_to_others_ms": {k: round(v["delay"] * 1000, 2) for k, v in est.items() if v["delay"] > 0},
                                   "calibration": {k: round(v["calibration"], 3) for k, v in est.items() if v["calibration"] != 1.0},
-                                  "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}}
+                                  "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}})
         return [1.0 if best <= 0 else best / est[e.key]["cost"] for e in endpoints]
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -188,6 +196,7 @@ def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> Pr
         batch_slowdown=_number(name, "batchSlowdown", p("batchSlowdown", 0.05), positive=False),
         default_output_tokens=int(_number(name, "defaultOutputTokens", p("defaultOutputTokens", 64), positive=True)),
         contention_weight=_number(name, "contentionWeight", p("contentionWeight", 1.0), positive=False),
+        staleness=float((ctx.services or {}).get("metrics_staleness", 2.0)),
     )
     if ctx.datastore is not None:
         ctx.datastore.on_removal(s.forget_endpoint)

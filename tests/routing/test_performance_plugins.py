@@ -185,3 +185,13 @@ def test_predicted_latency_calibrates_from_observed_durations():
     before = s.calibration["a"]
     s.response_complete(x, None, "cancelled")  # only successes calibrate
     assert s.calibration["a"] == before
+
+
+def test_predicted_latency_names_endpoints_without_fresh_metrics_and_keeps_their_last_speeds():
+    s = make("predicted-latency-scorer", ctx=PluginContext(services={"metrics_staleness": 2.0}))
+    old = Endpoint(name="old", address="10.0.0.7", port=1)
+    old.metrics = EndpointMetrics(prefill_tokens_per_second=1000.0, updated_at=time.monotonic() - 60)
+    st = CycleState()
+    s.score(st, req(100), [old, ep("fresh")])
+    assert st.notes["predicted-latency-scorer"]["no_fresh_metrics"] == ["old"]
+    assert st.read("predicted-latency")["old"]["prefill"] == pytest.approx(0.1)  # last measured speed, not the default
