@@ -1,8 +1,9 @@
 """`epp decisions [FILE|-]`: the seed's `rg 'Scoring decision' | sort | uniq -c`, done properly.
 
 Reads JSON log lines (other lines are skipped), and prints the selection split per endpoint and
-per kv-backend label, failures by code, and the distribution of each scorer's raw score and of
-the winning totals. `--json` prints the same as one JSON object.
+per kv-backend label, the prompt sizes each kv-backend was given (fabric-aware profiles send
+long prompts to the fast fabric: this is where that shows), failures by code, and the
+distribution of each scorer's raw score and of the winning totals. `--json` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
     scorer_values: dict[str, list[float]] = defaultdict(list)
     winning: list[float] = []
     filtered: Counter[str] = Counter()
+    prompts: dict[str, list[float]] = defaultdict(list)
     decisions = 0
     for line in lines:
         line = line.strip()
@@ -40,6 +42,8 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
             sel_field = ev.get("selected")
             by_endpoint[ev.get("selected_name") or (sel_field[0] if isinstance(sel_field, list) and sel_field else str(sel_field))] += 1
             by_backend[ev.get("kv_backend", "none")] += 1
+            if isinstance(ev.get("prompt_tokens"), (int, float)):
+                prompts[ev.get("kv_backend", "none")].append(float(ev["prompt_tokens"]))
             by_profile[ev.get("profile", "?")] += 1
             sel = ev.get("selected_name")
             for key, per in (ev.get("scores") or {}).items():
@@ -58,6 +62,7 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
         "by_endpoint": dict(by_endpoint.most_common()),
         "by_kv_backend": dict(by_backend.most_common()),
         "by_profile": dict(by_profile.most_common()),
+        "prompt_tokens_by_kv_backend": {b: _stats(prompts[b]) for b in by_backend if prompts.get(b)},
         "filters_removing": dict(filtered),
         "scores": {name: _stats(v) for name, v in sorted(scorer_values.items())},
         "winning_total": _stats(winning),
@@ -86,6 +91,10 @@ def render(s: dict[str, Any], out: IO[str]) -> None:
     if n:
         _split("selected endpoint:", s["by_endpoint"], n, out)
         _split("selected kv-backend:", s["by_kv_backend"], n, out)
+        if s["prompt_tokens_by_kv_backend"]:
+            print("prompt tokens by selected kv-backend:", file=out)
+            for b, st in s["prompt_tokens_by_kv_backend"].items():
+                print(f"  {b:12} n={st['n']} p50={st['p50']:.0f} p90={st['p90']:.0f} max={st['max']:.0f} mean={st['mean']:.0f}", file=out)
         if len(s["by_profile"]) > 1:
             _split("profile:", s["by_profile"], n, out)
     if nf:
