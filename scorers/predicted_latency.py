@@ -141,11 +141,12 @@ class PredictedLatencyScorer:
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         est = self.estimate(state, request, endpoints)
         best = min((v["cost"] for v in est.values()), default=0.0)
-        state.notes.setdefault(self.name, {}).update({"ttft_ms": {k: round(v["ttft"] * 1000, 2) for k, v in est.items()},
-                                  "e2e_ms": {k: round(v["e2e"] * 1000, 2) for k, v in est.items()},
-                                  "delay_to_others_ms": {k: round(v["delay"] * 1000, 2) for k, v in est.items() if v["delay"] > 0},
-                                  "calibration": {k: round(v["calibration"], 3) for k, v in est.items() if v["calibration"] != 1.0},
-                                  "wait_ms": {k: round(v["wait"] * 1000, 2) for k, v in est.items() if v["wait"] > 0}})
+        note = state.notes.setdefault(self.name, {})
+        note["ttft_ms"] = _ms(est, "ttft")
+        note["e2e_ms"] = _ms(est, "e2e")
+        optional = (("delay_to_others_ms", _ms(est, "delay")), ("wait_ms", _ms(est, "wait")),
+                    ("calibration", {k: round(v["calibration"], 3) for k, v in est.items() if v["calibration"] != 1.0}))
+        note.update((field, shown) for field, shown in optional if shown)  # an idle stage, an empty batch: nothing to say
         return [1.0 if best <= 0 else best / est[e.key]["cost"] for e in endpoints]
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -178,6 +179,10 @@ class PredictedLatencyScorer:
         for rid in self._flights.pop(endpoint.key, {}):
             self._where.pop(rid, None)
         self.calibration.pop(endpoint.key, None)
+
+
+def _ms(est: Mapping[str, Mapping[str, float]], field: str) -> dict[str, float]:
+    return {k: round(v[field] * 1000, 2) for k, v in est.items() if v[field] > 0}
 
 
 def _number(name: str, field: str, v: Any, *, positive: bool) -> float:
