@@ -57,10 +57,8 @@ CALIBRATION_ALPHA = 0.1
 class Flight:
     """A request this scorer routed, until its response completes."""
 
-    key: str  # endpoint
     routed_at: float
-    stage_start: float  # its prefill + transfer begin when what was booked before it is done
-    stage_end: float
+    stage_end: float  # its prefill + transfer end, after what was booked on the endpoint before it
     output_tokens: int
     predicted: float  # uncalibrated E2E at routing time
     request: LLMRequest  # held so that id(request) cannot be reused while tracked
@@ -161,8 +159,7 @@ class PredictedLatencyScorer:
         rid = id(request)
         self.response_complete(request, result, "rescheduled")  # one booking per request
         self._flights.setdefault(target.key, {})[rid] = Flight(
-            target.key, now, start, start + est["prefill"] + est["transfer"], request.max_tokens or self.default_output_tokens,
-            est["raw_e2e"], request)
+            now, start + est["prefill"] + est["transfer"], request.max_tokens or self.default_output_tokens, est["raw_e2e"], request)
         self._where[rid] = target.key
 
     def response_complete(self, request: LLMRequest, result: SchedulingResult | None, outcome: str) -> None:

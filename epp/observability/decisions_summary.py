@@ -41,9 +41,10 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
             decisions += 1
             sel_field = ev.get("selected")
             by_endpoint[ev.get("selected_name") or (sel_field[0] if isinstance(sel_field, list) and sel_field else str(sel_field))] += 1
-            by_backend[ev.get("kv_backend", "none")] += 1
+            backend = ev.get("kv_backend", "none")
+            by_backend[backend] += 1
             if isinstance(ev.get("prompt_tokens"), (int, float)):
-                prompts[ev.get("kv_backend", "none")].append(float(ev["prompt_tokens"]))
+                prompts[backend].append(float(ev["prompt_tokens"]))
             by_profile[ev.get("profile", "?")] += 1
             sel = ev.get("selected_name")
             for key, per in (ev.get("scores") or {}).items():
