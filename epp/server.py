@@ -24,6 +24,8 @@ from epp.datastore import Datastore
 from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_MAX_BODY, ExternalProcessor
+from epp.health import HealthMonitor
+from epp.health.collector import HealthCollector
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
 from epp.scheduling.registry import PluginContext
@@ -63,6 +65,11 @@ class EPPServer:
         ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin)
         self.scheduler = self.built.scheduler
+        # Endpoint health is on unless the config's endpoint-health plugin says `enabled: false`.
+        configured = [p for p in self.built.plugins.values() if isinstance(p, HealthMonitor)]
+        self.endpoint_health = configured[0] if configured else HealthMonitor()
+        self.endpoint_health_configured = bool(configured)
+        self.metrics.registry.register(HealthCollector(self.endpoint_health))
         self.director = Director(
             self.datastore,
             self.scheduler,
@@ -70,9 +77,10 @@ class EPPServer:
             config_profile=self.loaded.profile,
             request_timeout=o.request_timeout,
             disable_subset_filter=o.disable_endpoint_subset_filter,
+            health=self.endpoint_health,
         )
         self.processor = ExternalProcessor(self.director, o.max_request_body_bytes)
-        self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
+        self.admin = AdminService(self.datastore, self.loaded, self.scheduler, self.endpoint_health)
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
@@ -101,6 +109,7 @@ class EPPServer:
         await self._health_grpc.start()
         self.ports["metrics"] = await self._start_metrics(o.metrics_port)
         await self._start_discovery()
+        await self.endpoint_health.start(self.datastore, self.director.inflight.values)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
         # Everything built so far lives as long as the process: keep it out of the collector's scans,
         # and collect young objects less often (each request allocates a few hundred short-lived ones).
@@ -116,6 +125,7 @@ class EPPServer:
             profile=self.loaded.profile,
             secure_serving=o.secure_serving,
             scheduler=self.scheduler.describe(),
+            endpoint_health={**self.endpoint_health.describe(), "source": "config" if self.endpoint_health_configured else "defaults"},
         )
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -126,6 +136,7 @@ class EPPServer:
                 await t
         if self.scraper is not None:
             await self.scraper.stop()
+        await self.endpoint_health.stop()
         await self._set_health(False)
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -190,7 +201,8 @@ class EPPServer:
             from epp.scrape import MetricsScraper
 
             self.scraper = MetricsScraper(
-                self.datastore, interval=o.refresh_metrics_interval, staleness=o.metrics_staleness_threshold
+                self.datastore, interval=o.refresh_metrics_interval, staleness=o.metrics_staleness_threshold,
+                on_failure=self.endpoint_health.probe_soon,  # a failed scrape makes endpoint health check readiness now
             )
             await self.scraper.start()
 

@@ -36,10 +36,17 @@ The model calibrates itself per endpoint: when a request it routed completes, th
 duration over the E2E predicted at routing time feeds an EWMA `calibration(e)` (clamped to
 [0.5, 3]). Whatever the model misses on a pair — a busy host, a prefill speed measured under
 other load — shows up there and moves traffic. The estimates appear in the decision log.
+
+Only successes teach the model. A failed request (a 5xx, an endpoint the gateway could not reach,
+no response in time) would otherwise look like the fastest request there is: instead it pulls
+the endpoint's calibration toward the maximum, and its booking stays on the endpoint for as long
+as the request was predicted to take, so a backend that fails at once never looks idle or fast.
+A client's 4xx or a disconnect just releases the booking.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +58,8 @@ from epp.scheduling.registry import PluginContext, register
 
 STATE_KEY = "predicted-latency"
 CALIBRATION_ALPHA = 0.1
+CALIBRATION_MIN, CALIBRATION_MAX = 0.5, 3.0
+FAILURE_ALPHA = 0.3  # each failure moves calibration this far toward CALIBRATION_MAX
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ class Flight:
     output_tokens: int
     predicted: float  # uncalibrated E2E at routing time
     request: LLMRequest  # held so that id(request) cannot be reused while tracked
+    held_until: float = float("inf")  # a failed request's booking lasts until its predicted end
 
 
 class PredictedLatencyScorer:
@@ -82,6 +92,8 @@ class PredictedLatencyScorer:
         self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
         self._flights: dict[str, dict[int, Flight]] = {}  # endpoint key -> id(request) -> flight
         self._where: dict[int, str] = {}  # id(request) -> endpoint key
+        self._held = 0  # failed bookings still counted
+        self._held_ids = itertools.count(-1, -1)  # their keys: negative, never an id()
         self._last: dict[str, dict[str, float]] | None = None
 
     # -- the model --------------------------------------------------------------------------------
@@ -109,8 +121,16 @@ class PredictedLatencyScorer:
             total += min(max(0.0, f.output_tokens - done), n - 1)
         return self.batch_slowdown * spt * total
 
+    def _drop_held(self, now: float) -> None:
+        for flights in self._flights.values():
+            for rid in [rid for rid, f in flights.items() if f.held_until <= now]:
+                del flights[rid]
+                self._held -= 1
+
     def estimate(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> dict[str, dict[str, float]]:
         now = self.clock()
+        if self._held:
+            self._drop_held(now)
         transfer = transfer_estimates(state, request, endpoints)
         n = request.max_tokens or self.default_output_tokens
         out = {}
@@ -166,15 +186,28 @@ class PredictedLatencyScorer:
         key = self._where.pop(id(request), None)
         if key is None:
             return
-        flight = self._flights.get(key, {}).pop(id(request), None)
-        if flight is not None and outcome == "success" and flight.predicted > 0:
-            ratio = min(3.0, max(0.5, (self.clock() - flight.routed_at) / flight.predicted))
-            old = self.calibration.get(key, 1.0)
+        flights = self._flights.get(key, {})
+        flight = flights.pop(id(request), None)
+        if flight is None:
+            return
+        now = self.clock()
+        old = self.calibration.get(key, 1.0)
+        if outcome == "success" and flight.predicted > 0:
+            ratio = min(CALIBRATION_MAX, max(CALIBRATION_MIN, (now - flight.routed_at) / flight.predicted))
             self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
+        elif outcome == "error":
+            self.calibration[key] = (1 - FAILURE_ALPHA) * old + FAILURE_ALPHA * CALIBRATION_MAX
+            end = flight.routed_at + flight.predicted
+            if end > now:
+                flight.held_until = end
+                flights[next(self._held_ids)] = flight
+                self._held += 1
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
-        for rid in self._flights.pop(endpoint.key, {}):
+        for rid, f in self._flights.pop(endpoint.key, {}).items():
             self._where.pop(rid, None)
+            if f.held_until != float("inf"):
+                self._held -= 1
         self.calibration.pop(endpoint.key, None)
 
 

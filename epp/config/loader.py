@@ -22,6 +22,7 @@ import yaml
 
 from epp.scheduling import registry
 from epp.scheduling.framework import (
+    CandidateGate,
     ConfigError,
     Filter,
     Picker,
@@ -235,8 +236,11 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
     if len(handlers) > 1:
         raise cfg.error(("plugins",), f"only one profile handler may be configured, found {[h.name for h in handlers]}")
     handler = handlers[0] if handlers else registry.create("single-profile-handler", "single-profile-handler", {}, ctx)
+    gates = [n for n, p in instances.items() if isinstance(p, CandidateGate)]
+    if len(gates) > 1:
+        raise cfg.error(("plugins",), f"only one endpoint-health plugin may be configured, found {gates}")
     raw_profiles = cfg.data.get("schedulingProfiles") or [
-        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if not isinstance(p, ProfileHandler)]}
+        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if not isinstance(p, (ProfileHandler, CandidateGate))]}
     ]
     profiles: dict[str, SchedulerProfile] = {}
     for i, rp in enumerate(raw_profiles):
@@ -244,6 +248,9 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
         for j, ref in enumerate(rp.get("plugins") or []):
             plugin = instances[ref["pluginRef"]]
             at = ("schedulingProfiles", i, "plugins", j)
+            if isinstance(plugin, CandidateGate):
+                raise cfg.error(at, f"plugin {ref['pluginRef']!r} ({plugin.type_name}) applies to the whole pool before any "
+                                    "profile runs; list it under plugins only")
             used = False
             if isinstance(plugin, Filter):
                 prof.filters.append(plugin)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from epp.datastore import Datastore, Endpoint
+from epp.health import Admission, HealthMonitor
+from epp.health import outcomes as oc
 from epp.observability.decision_log import DECISION_MSG, FAILURE_MSG, decision_fields, failure_fields
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
@@ -21,7 +23,11 @@ from epp.scheduling.scheduler import NO_CANDIDATES, Scheduler
 
 @dataclass(slots=True)
 class InFlight:
-    """A scheduled request until its response completes (or it is cancelled / times out)."""
+    """A scheduled request until its response completes (or it is cancelled / times out).
+
+    Setting `status` (the response headers arrived) stamps `first_byte_at`, the moment the
+    endpoint started answering: endpoint health reads it for time to first byte and hangs.
+    """
 
     request: LLMRequest
     result: SchedulingResult | None
@@ -30,7 +36,19 @@ class InFlight:
     input_tokens: int | None = None
     output_tokens: int | None = None
     response_bytes: int = 0
-    status: int = 0
+    _status: int = 0
+    first_byte_at: float = 0.0
+    verdict: str = ""  # a failure endpoint health's watchdog already recorded (no first byte in time, stalled)
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._status = value
+        if not self.first_byte_at:
+            self.first_byte_at = time.monotonic()
 
 
 @dataclass
@@ -41,6 +59,7 @@ class Director:
     config_profile: str | None = None
     request_timeout: float = 600.0  # safety net: releases per-request state of streams that never end
     disable_subset_filter: bool = False
+    health: HealthMonitor | None = None
     rng: random.Random = field(default_factory=random.Random)
     inflight: dict[int, InFlight] = field(default_factory=dict)
     _selections: dict[str, Any] = field(default_factory=dict)
@@ -54,13 +73,19 @@ class Director:
         wanted = set(subset)
         return [e for e in endpoints if e.hostport in wanted]
 
-    def pick_for_headers_only(self, subset: Sequence[str] | None) -> Endpoint:
-        """GIE: a request without a body is not scheduled; any endpoint will do."""
+    def admitted(self, subset: Sequence[str] | None) -> Admission:
+        """The candidates endpoint health lets through (ejected, unready and busy half-open endpoints leave first)."""
         cands = self.candidates(subset)
+        return self.health.admit(cands) if self.health is not None else Admission(cands)
+
+    def pick_for_headers_only(self, subset: Sequence[str] | None) -> Endpoint:
+        """GIE: a request without a body is not scheduled; any healthy endpoint will do."""
+        admission = self.admitted(subset)
+        cands = admission.endpoints
         if not cands:
             if not self.datastore.endpoints():
                 raise SchedulingError("Internal", "no pods available in datastore")
-            raise SchedulingError("ServiceUnavailable", NO_CANDIDATES)
+            raise SchedulingError("ServiceUnavailable", _no_healthy(admission) if admission.excluded else NO_CANDIDATES)
         return self.rng.choice(list(cands))
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -71,18 +96,27 @@ class Director:
         series.request_total.inc()
         series.request_sizes.observe(request.body_size)
         t0 = time.perf_counter()
+        admission = self.admitted(subset)
         try:
-            result = self.scheduler.schedule(request, self.candidates(subset))
+            if not admission.endpoints and admission.excluded:
+                raise SchedulingError("ServiceUnavailable", _no_healthy(admission))
+            result = self.scheduler.schedule(request, admission.endpoints)
         except SchedulingError as e:
             m.scheduler_e2e.observe((), time.perf_counter() - t0)
-            self.fail(request, e)
+            if e.result is not None:
+                e.result.excluded, e.result.health_panic = dict(admission.excluded), admission.panic
+            self.fail(request, e, admission.excluded)
             raise
         m.scheduler_e2e.observe((), time.perf_counter() - t0)
+        if admission.excluded:
+            result.excluded, result.health_panic = dict(admission.excluded), admission.panic
         self.scheduler.pre_request(request, result)
         flight = InFlight(request, result, time.monotonic())
         self.inflight[id(request)] = flight
         series.running.inc()
         primary = result.targets[0]
+        if self.health is not None:
+            self.health.scheduled(id(request), primary)
         sel = self._selections.get(primary.hostport)
         if sel is None:
             sel = self._selections[primary.hostport] = m.selections.labels(primary.hostport, primary.kv_backend or "none")
@@ -90,20 +124,32 @@ class Director:
         self.log.info(DECISION_MSG, **decision_fields(request, result, self.config_profile))
         return flight
 
-    def fail(self, request: LLMRequest | None, error: SchedulingError) -> None:
+    def fail(self, request: LLMRequest | None, error: SchedulingError, excluded: Mapping[str, str] | None = None) -> None:
         model = request.model if request else ""
         target = request.target_model if request else ""
         self.metrics.model(model, target).error(error.code).inc()
-        self.log.warning(FAILURE_MSG, **failure_fields(request, error, self.config_profile))
+        fields = failure_fields(request, error, self.config_profile)
+        if excluded and "excluded" not in fields:
+            fields["excluded"] = dict(excluded)
+        self.log.warning(FAILURE_MSG, **fields)
 
     # -- completion -----------------------------------------------------------------------------
     def complete(self, flight: InFlight, outcome: str) -> None:
-        """Release everything the request holds, exactly once."""
+        """Release everything the request holds, exactly once, and tell endpoint health how it ended.
+
+        `outcome` is how the stream ended (success | error | cancelled | timeout); plugins hear
+        what that says about the endpoint (see `ResponseComplete`).
+        """
         if flight.finished:
             return
         flight.finished = True
         self.inflight.pop(id(flight.request), None)
         req = flight.request
+        kind = flight.verdict or oc.classify(outcome, flight.status, flight.first_byte_at > 0)
+        target = flight.result.targets[0] if flight.result is not None and flight.result.targets else None
+        if self.health is not None and target is not None and not flight.verdict:
+            ttfb = flight.first_byte_at - flight.started if flight.first_byte_at else None
+            self.health.record(target, kind, id(req), ttfb=ttfb, detail=f"status {flight.status}" if flight.status else "")
         series = self.metrics.model(req.model, req.target_model)
         series.running.dec()
         if outcome == "success":
@@ -118,9 +164,10 @@ class Director:
         elif outcome == "error":
             series.error("ModelServerError").inc()
         if flight.result is not None:
-            self.scheduler.response_complete(req, flight.result, outcome)
-        if outcome != "success":
-            self.log.info("Request ended", request_id=req.request_id, outcome=outcome, status=flight.status or None)
+            self.scheduler.response_complete(req, flight.result, oc.plugin_outcome(kind))
+        if kind != oc.SUCCESS:
+            self.log.info("Request ended", request_id=req.request_id, outcome=kind, status=flight.status or None,
+                          endpoint=target.key if target is not None else None, seconds=round(time.monotonic() - flight.started, 3))
 
     def reap_expired(self, now: float | None = None) -> int:
         """Release requests older than request_timeout (their stream never ended)."""
@@ -129,3 +176,8 @@ class Director:
         for f in expired:
             self.complete(f, "timeout")
         return len(expired)
+
+
+def _no_healthy(admission: Admission) -> str:
+    why = "; ".join(f"{key} {reason}" for key, reason in admission.excluded.items())
+    return f"no healthy endpoint ({why})"

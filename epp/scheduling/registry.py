@@ -18,7 +18,7 @@ from epp.util.duration import parse_duration
 ENTRY_POINT_GROUP = "inference_epp.plugins"
 # Plugin modules shipped with the project; used when the distribution is not installed
 # (running from a source checkout) so entry points are missing.
-BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "filters", "scorers")
+BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "epp.health.plugin", "filters", "scorers")
 
 
 @dataclass(frozen=True, slots=True)

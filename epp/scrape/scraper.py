@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Callable
 
 import aiohttp
 
@@ -21,8 +22,10 @@ log = get_logger("epp.scrape")
 
 
 class MetricsScraper:
-    def __init__(self, datastore: Datastore, interval: float = 0.05, timeout: float = 1.0, staleness: float = 2.0) -> None:
+    def __init__(self, datastore: Datastore, interval: float = 0.05, timeout: float = 1.0, staleness: float = 2.0,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.datastore = datastore
+        self.on_failure = on_failure  # called with the endpoint key after each failed scrape
         self.interval = interval
         self.timeout = timeout
         self.staleness = staleness
@@ -75,6 +78,8 @@ class MetricsScraper:
             if old.error is None:
                 log.warning("Metrics scrape failed", endpoint=ep.key, url=ep.scrape_url(), error=str(e) or type(e).__name__)
             self.datastore.set_metrics(ep.key, dataclasses.replace(old, error=str(e) or type(e).__name__))
+            if self.on_failure is not None:
+                self.on_failure(ep.key)
 
     def stale(self, ep: Endpoint, now: float | None = None) -> bool:
         return ep.metrics.age(time.monotonic() if now is None else now) > self.staleness
