@@ -91,10 +91,10 @@ def judge(path: str, status: int, body: bytes) -> Verdict:
     instances = parse_instances(body)
     if status == 404:
         return Verdict(True, f"{path} not served (404); reachable", instances=instances)
-    if status != 200:
-        msg = _message(body)
-        return Verdict(False, f"{path} answered {status}" + (f": {msg}" if msg else ""), True, instances)
     down = [f"{role} 0/{total}" for role, (up, total) in instances.items() if total and not up]
+    if status != 200:
+        msg = f"no healthy instance: {', '.join(down)} up" if down else _message(body)
+        return Verdict(False, f"{path} answered {status}" + (f": {msg}" if msg else ""), True, instances)
     if down:
         return Verdict(False, f"no healthy instance: {', '.join(down)} up", True, instances)
     return Verdict(True, f"{path} 200", instances=instances)

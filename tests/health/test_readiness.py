@@ -14,7 +14,7 @@ def test_judge_reads_the_proxys_instance_view():
     proxy = b'{"healthy": false, "prefill": {"http://p:1": true}, "decode": {"http://d:1": false}}'
     v = judge("/health", 503, proxy)
     assert not v.ok and v.definitive and v.instances == {"prefill": (1, 1), "decode": (0, 1)}
-    assert v.detail.startswith("/health answered 503")
+    assert v.detail == "/health answered 503: no healthy instance: decode 0/1 up"
     # a 200 that says no decode is up is still unready
     v = judge("/health", 200, b'{"instances": [{"role": "decode", "url": "d1", "up": false}, {"role": "prefill", "url": "p", "up": true}]}')
     assert not v.ok and v.detail == "no healthy instance: decode 0/1 up"
