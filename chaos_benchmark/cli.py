@@ -1,6 +1,6 @@
 """`epp-chaos`: kill a backend process under load and measure how the EPP routes around it, profile by profile.
 
-Starts the local stack (whatever gateway it runs), then for each profile: a fresh EPP, a few
+For each profile it starts the local stack afresh (whatever gateway the stack runs), sends a few
 warm-up requests, and a bounded Poisson load of streaming completions while the fault schedule
 kills a process and starts it again. Prints, per profile, requests answered / clear errors /
 hung / lost, the failures beyond those in flight on the dead pair at the kill, when the dead
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     a("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="model name in requests (default: %(default)s)")
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
-    a("--workdir", default=".stack-chaos", help="local stack working directory (default: %(default)s)")
+    a("--workdir", default=".stack-chaos", help="local stacks' working directory, one folder per profile (default: %(default)s)")
     a("--output-dir", default="chaos-results", help="where files go (default: %(default)s)")
     a("--name", default="chaos", help="base name of the output files (default: %(default)s)")
     return p
@@ -129,6 +129,31 @@ async def _one_run(stack, args, schedule, workload, run_id: str) -> tuple[list, 
     return sent, start, actions
 
 
+def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
+    wait_all_healthy(stack)
+    if args.warmup:
+        warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
+        asyncio.run(run_load(stack.gateway_url, args.model, warm, f"warmup-{profile}", args.request_timeout))
+    before = _tracebacks(stack.logs)
+    workload = build_workload(args.requests, args.qps, "poisson", args.max_request_len, args.max_output_tokens, args.seed)
+    sent, start, actions = asyncio.run(_one_run(stack, args, schedule, workload, f"{args.name}-{profile}"))
+    for f in schedule:
+        if f.restart_at is not None:
+            stack.procs.wait_http(fx.find(stack, f.process), _health_url(stack, f.process), timeout=60)
+    time.sleep(0.5)  # the EPP's last log lines
+    picks, events = read_file(stack.epp_log, since=start - 1.0)
+    after = _tracebacks(stack.logs)
+    tracebacks = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
+    f0 = schedule[0]
+    a = analyse(sent, picks, events, start, f0.endpoint(stack), f0.at, f0.restart_at, _pick_interval(profile))
+    print(f"{profile:30} answered {a['answered']}/{a['requests']}  clear errors {a['clear_error']}  hung {a['hung']}  lost {a['lost']}  "
+          f"failed beyond in-flight {a['failed_beyond_in_flight']} ({a['failed_beyond_in_flight_pct']:.1f}%)  "
+          f"last pick of {a['dead_endpoint']} {a['last_pick_after_kill_s']} s after the kill  "
+          f"first 200 {a.get('first_200_after_restart_s')} s after the restart  tracebacks {sum(tracebacks.values())}", flush=True)
+    return {"profile": profile, "faults": [{"process": f.process, "at": f.at, "restart_at": f.restart_at, "signal": f.signal} for f in schedule],
+            "actions": actions, "tracebacks": sum(tracebacks.values()), "tracebacks_by_log": tracebacks, "analysis": a}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from epp.config.loader import list_profiles
@@ -143,43 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     profiles = list_profiles() if args.profiles == "all" else [p.strip() for p in args.profiles.split(",") if p.strip()]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(load_topology(args.topology), profiles[0], args.workdir, StackPorts(free_port(), free_port(), free_port(), free_port()))
-    runs = []
-    try:
-        stack.start(progress=lambda m: print(f"[epp-chaos] {m}", flush=True))
-        for f in schedule:
-            _health_url(stack, f.process)  # an unknown process name fails before any load
-        for profile in profiles:
-            stack.start_epp(profile)
-            wait_all_healthy(stack)
-            if args.warmup:
-                warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
-                asyncio.run(run_load(stack.gateway_url, args.model, warm, f"warmup-{profile}", args.request_timeout))
-            before = _tracebacks(stack.logs)
-            workload = build_workload(args.requests, args.qps, "poisson", args.max_request_len, args.max_output_tokens, args.seed)
-            sent, start, actions = asyncio.run(_one_run(stack, args, schedule, workload, f"{args.name}-{profile}"))
+    runs, failed = [], []
+    for profile in profiles:
+        # a fresh stack per profile: every profile starts from the same healthy state, whatever the last one left broken
+        stack = LocalStack(load_topology(args.topology), profile, Path(args.workdir) / profile,
+                           StackPorts(free_port(), free_port(), free_port(), free_port()))
+        try:
+            stack.start(progress=lambda m: print(f"[epp-chaos] {profile}: {m}", flush=True))
             for f in schedule:
-                if f.restart_at is not None:
-                    stack.procs.wait_http(fx.find(stack, f.process), _health_url(stack, f.process), timeout=60)
-            time.sleep(0.5)  # the EPP's last log lines
-            picks, events = read_file(stack.epp_log, since=start - 1.0)
-            after = _tracebacks(stack.logs)
-            tracebacks = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
-            f0 = schedule[0]
-            analysis = analyse(sent, picks, events, start, f0.endpoint(stack), f0.at, f0.restart_at, _pick_interval(profile))
-            runs.append({"profile": profile, "faults": [{"process": f.process, "at": f.at, "restart_at": f.restart_at, "signal": f.signal}
-                                                        for f in schedule],
-                         "actions": actions, "tracebacks": sum(tracebacks.values()), "tracebacks_by_log": tracebacks, "analysis": analysis})
-            a = analysis
-            print(f"{profile:30} answered {a['answered']}/{a['requests']}  clear errors {a['clear_error']}  hung {a['hung']}  lost {a['lost']}  "
-                  f"failed beyond in-flight {a['failed_beyond_in_flight']} ({a['failed_beyond_in_flight_pct']:.1f}%)  "
-                  f"last pick of {a['dead_endpoint']} {a['last_pick_after_kill_s']} s after the kill  "
-                  f"first 200 {a.get('first_200_after_restart_s')} s after the restart  tracebacks {sum(tracebacks.values())}", flush=True)
-    except (RuntimeError, TimeoutError, ValueError) as e:
-        print(f"epp-chaos: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stack.stop()
+                _health_url(stack, f.process)  # an unknown process name fails before any load
+            runs.append(_run_profile(stack, args, profile, schedule))
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            print(f"epp-chaos: {profile}: {e}", file=sys.stderr)
+            failed.append(profile)
+        finally:
+            stack.stop()
     if not runs:
         return 1
     md = table(runs)
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        "requests": args.requests, "qps": args.qps, "runs": runs}, indent=1))
     timeline_plot(runs, out / f"{args.name}_timeline.png")
     print(f"wrote {out}/{args.name}.md, .json and _timeline.png")
-    return 0
+    if failed:
+        print(f"epp-chaos: no result for {', '.join(failed)} (see above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
