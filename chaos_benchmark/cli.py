@@ -19,7 +19,6 @@ import asyncio
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
@@ -64,20 +63,12 @@ def _health_url(stack, name: str) -> str:
     raise ValueError(f"no process {name!r} in the stack")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def wait_all_healthy(stack, timeout: float = 60.0) -> None:
     """Every proxy answers /health 200 (its prefill and decode are up) before a profile's run starts."""
     deadline = time.monotonic() + timeout
     pending = [f"http://127.0.0.1:{p.port}/health" for p in stack.proxies]
     while pending and time.monotonic() < deadline:
-        pending = [u for u in pending if not _healthy(u)]
+        pending = [u for u in pending if not fx.answers_200(u)]
         time.sleep(0.2)
     if pending:
         raise TimeoutError(f"the stack did not recover: {pending} not healthy after {timeout:g}s; logs in {stack.logs}")

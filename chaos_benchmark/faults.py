@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import urllib.request
 from dataclasses import dataclass
 
 from local_stack.processes import Child
@@ -85,3 +86,12 @@ def restart(stack: LocalStack, name: str, sig: str = "KILL") -> Child:
     child.log.close()
     stack.procs.children.remove(child)
     return stack.procs.start(name, child.cmd[2:])  # cmd = [python, -m, module, args…]
+
+
+def answers_200(url: str) -> bool:
+    """True when `url` answers 200 within a second (a process's /health)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False

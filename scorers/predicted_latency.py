@@ -46,6 +46,7 @@ A client's 4xx or a disconnect just releases the booking.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from dataclasses import dataclass
@@ -71,7 +72,6 @@ class Flight:
     output_tokens: int
     predicted: float  # uncalibrated E2E at routing time
     request: LLMRequest  # held so that id(request) cannot be reused while tracked
-    held_until: float = float("inf")  # a failed request's booking lasts until its predicted end
 
 
 class PredictedLatencyScorer:
@@ -92,8 +92,8 @@ class PredictedLatencyScorer:
         self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
         self._flights: dict[str, dict[int, Flight]] = {}  # endpoint key -> id(request) -> flight
         self._where: dict[int, str] = {}  # id(request) -> endpoint key
-        self._held = 0  # failed bookings still counted
-        self._held_ids = itertools.count(-1, -1)  # their keys: negative, never an id()
+        self._held: list[tuple[float, int, str]] = []  # heap of failed bookings still counted: (until, booking key, endpoint)
+        self._held_ids = itertools.count(-1, -1)  # their booking keys: negative, never an id()
         self._last: dict[str, dict[str, float]] | None = None
 
     # -- the model --------------------------------------------------------------------------------
@@ -122,14 +122,14 @@ class PredictedLatencyScorer:
         return self.batch_slowdown * spt * total
 
     def _drop_held(self, now: float) -> None:
-        for flights in self._flights.values():
-            for rid in [rid for rid, f in flights.items() if f.held_until <= now]:
-                del flights[rid]
-                self._held -= 1
+        held = self._held
+        while held and held[0][0] <= now:
+            _, rid, key = heapq.heappop(held)
+            self._flights.get(key, {}).pop(rid, None)
 
     def estimate(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> dict[str, dict[str, float]]:
         now = self.clock()
-        if self._held:
+        if self._held and self._held[0][0] <= now:
             self._drop_held(now)
         transfer = transfer_estimates(state, request, endpoints)
         n = request.max_tokens or self.default_output_tokens
@@ -199,15 +199,15 @@ class PredictedLatencyScorer:
             self.calibration[key] = (1 - FAILURE_ALPHA) * old + FAILURE_ALPHA * CALIBRATION_MAX
             end = flight.routed_at + flight.predicted
             if end > now:
-                flight.held_until = end
-                flights[next(self._held_ids)] = flight
-                self._held += 1
+                rid = next(self._held_ids)
+                flights[rid] = flight
+                heapq.heappush(self._held, (end, rid, key))
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
-        for rid, f in self._flights.pop(endpoint.key, {}).items():
+        for rid in self._flights.pop(endpoint.key, {}):
             self._where.pop(rid, None)
-            if f.held_until != float("inf"):
-                self._held -= 1
+        self._held = [h for h in self._held if h[2] != endpoint.key]
+        heapq.heapify(self._held)
         self.calibration.pop(endpoint.key, None)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -36,14 +35,6 @@ FAST_HEALTH = """
     firstByteTimeout: 1s
 - type: round-robin-picker
 """
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +128,7 @@ def kill_and_restart(stack: LocalStack, process: str, endpoint: str, health_url:
         assert len(others_ok) >= 5, "the other pair kept serving"
         fx.restart(stack, process)
         restarted = time.time()
-        assert wait_until(lambda: healthy(health_url), timeout=60), f"{process} did not come back"
+        assert wait_until(lambda: fx.answers_200(health_url), timeout=60), f"{process} did not come back"
         back = time.time()
         assert wait_until(lambda: served_ok(stack, load, endpoint, restarted), timeout=10), (
             f"{endpoint} served no 200 within 10 s of {process} answering again ({back - restarted:.1f} s after its restart)")

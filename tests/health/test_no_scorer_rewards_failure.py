@@ -76,7 +76,7 @@ def test_predicted_latency_learns_only_from_successes_and_a_failure_counts_again
     assert len(s._flights["dead"]) == 3 and st.read("predicted-latency")["dead"]["wait"] > 0
     clock[0] += 5.0
     s.score(CycleState(), req(), [dead, ok])
-    assert s._flights["dead"] == {} and s._held == 0
+    assert s._flights["dead"] == {} and s._held == []
     # a success far faster than predicted moves it down slowly; a disconnect or 4xx teaches nothing
     before = s.calibration["dead"]
     for outcome in ("cancelled", "client_error"):
@@ -92,6 +92,6 @@ def test_predicted_latency_forgets_held_bookings_of_a_removed_endpoint():
     r = req()
     s.pre_request(r, result_for(dead))
     s.response_complete(r, None, "error")
-    assert s._held == 1
+    assert len(s._held) == 1
     s.forget_endpoint(dead)
-    assert s._held == 0 and "dead" not in s._flights
+    assert s._held == [] and "dead" not in s._flights
