@@ -39,9 +39,9 @@ def parser() -> argparse.ArgumentParser:
     a("--requests", type=int, default=400, help="requests per profile (default: %(default)s)")
     a("--qps", type=float, default=10.0, help="Poisson arrival rate (default: %(default)s)")
     a("--fault", action="append", default=None, metavar="PROCESS,KILL_AT,RESTART_AT[,SIGNAL]",
-      help="kill PROCESS KILL_AT seconds into the load and start it again at RESTART_AT (`-`: never); SIGNAL KILL (default), "
-           "TERM or STOP (continued at RESTART_AT). Processes: <proxy>, <proxy>-prefill, <proxy>-decode "
-           "(default: vllm-p2p-proxy-decode,12,26)")
+      help="signal PROCESS KILL_AT seconds into the load and start it again at RESTART_AT (`-`: never). SIGNAL: KILL (default), "
+           "TERM, STOP (a hang, continued at RESTART_AT), USR1 (a simulator's engine dies) or USR2 (its engine hangs). "
+           "Processes: <proxy>, <proxy>-prefill, <proxy>-decode (default: vllm-p2p-proxy-decode,12,26)")
     a("--request-timeout", type=float, default=30.0, help="seconds after which a request counts as hung (default: %(default)s)")
     a("--max-output-tokens", type=int, default=64, help="output tokens cap (default: %(default)s)")
     a("--max-request-len", type=int, default=2048, help="prompt + output tokens cap (default: %(default)s)")

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from local_stack.processes import Child
 from local_stack.stack import LocalStack
 
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
+# KILL and TERM end the process; STOP freezes it (a hang; SIGCONT at the restart); the simulator
+# takes USR1 as "the engine dies now" (the seed's IndexError → EngineDeadError) and USR2 as "the
+# engine hangs" — a restart kills what is left and starts it again.
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2}
+ENDS = ("KILL", "TERM")
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,6 @@ class Fault:
             raise ValueError(f"--fault {spec!r}: signal must be one of {', '.join(SIGNALS)}")
         if restart is not None and restart <= at:
             raise ValueError(f"--fault {spec!r}: the restart must come after the kill")
-        if sig == "STOP" and restart is not None:
-            pass  # a stopped process is continued (SIGCONT) rather than started again
         return cls(parts[0], at, restart, sig)
 
     def endpoint(self, stack: LocalStack) -> str:
@@ -71,7 +73,7 @@ def kill(stack: LocalStack, name: str, sig: str = "KILL") -> None:
         os.killpg(child.proc.pid, SIGNALS[sig])
     except ProcessLookupError:
         pass
-    if sig != "STOP":
+    if sig in ENDS:
         child.proc.wait(timeout=30)
 
 
@@ -81,8 +83,12 @@ def restart(stack: LocalStack, name: str, sig: str = "KILL") -> Child:
     if sig == "STOP":
         os.killpg(child.proc.pid, signal.SIGCONT)
         return child
-    if child.proc.poll() is None:
-        raise RuntimeError(f"{name} is still running (pid {child.proc.pid}); kill it first")
+    if child.proc.poll() is None:  # a dead or hung engine's server may still be up: replace it
+        try:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.proc.wait(timeout=30)
     child.log.close()
     stack.procs.children.remove(child)
     return stack.procs.start(name, child.cmd[2:])  # cmd = [python, -m, module, args…]

@@ -57,18 +57,19 @@ def parse_instances(body: bytes) -> dict[str, tuple[int, int]]:
     if not isinstance(data, dict):
         return {}
     found: dict[str, list[bool]] = {}
-    for role in ROLES:
-        section = data.get(role)
-        values = section.values() if isinstance(section, dict) else section if isinstance(section, list) else ()
-        for v in values:
-            up = _up(v)
-            if up is not None:
-                found.setdefault(role, []).append(up)
     listed = data.get("instances")
-    if isinstance(listed, list):
+    if isinstance(listed, list):  # the detailed list wins over the per-role maps that may sit beside it
         for item in listed:
             if isinstance(item, dict) and item.get("role") in ROLES and _up(item) is not None:
                 found.setdefault(item["role"], []).append(bool(_up(item)))
+    if not found:
+        for role in ROLES:
+            section = data.get(role)
+            values = section.values() if isinstance(section, dict) else section if isinstance(section, list) else ()
+            for v in values:
+                up = _up(v)
+                if up is not None:
+                    found.setdefault(role, []).append(up)
     return {role: (sum(ups), len(ups)) for role, ups in found.items()}
 
 

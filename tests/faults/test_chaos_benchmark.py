@@ -15,6 +15,7 @@ from chaos_benchmark.report import analyse, table, timeline_plot
 def test_fault_specs():
     assert Fault.parse("vllm-p2p-proxy-decode,12,26") == Fault("vllm-p2p-proxy-decode", 12.0, 26.0, "KILL")
     assert Fault.parse("vllm-fs-proxy, 3, -, stop") == Fault("vllm-fs-proxy", 3.0, None, "STOP")
+    assert Fault.parse("vllm-fs-proxy-decode,3,9,USR1").signal == "USR1"
     for bad, message in (("x,1", "expected PROCESS,KILL_AT,RESTART_AT"), ("x,a,2", "seconds from the start"),
                          ("x,5,2", "restart must come after"), ("x,1,2,HUP", "signal must be one of")):
         with pytest.raises(ValueError, match=message):

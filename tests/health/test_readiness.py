@@ -23,6 +23,11 @@ def test_judge_reads_the_proxys_instance_view():
     assert judge("/health", 200, b"").ok and judge("/health", 404, b"not found").ok  # vLLM: empty 200; no route: reachable
     assert judge("/health", 500, b'{"error": {"message": "engine dead: IndexError"}}').detail == "/health answered 500: engine dead: IndexError"
     assert parse_instances(b"[1, 2]") == {} and parse_instances(b"\xff") == {}
+    # both shapes side by side (the proxy's maps and its detailed list): counted once
+    both = (b'{"healthy": true, "prefill": {"p": true}, "decode": {"d1": true, "d2": false}, "instances": ['
+            b'{"role": "prefill", "url": "p", "up": true, "state": "up"}, {"role": "decode", "url": "d1", "up": true, "state": "up"},'
+            b'{"role": "decode", "url": "d2", "up": false, "state": "ejected"}]}')
+    assert parse_instances(both) == {"prefill": (1, 1), "decode": (1, 2)}
 
 
 async def test_prober_against_live_servers():
