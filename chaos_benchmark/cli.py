@@ -4,7 +4,8 @@ For each profile it starts the local stack afresh (whatever gateway the stack ru
 warm-up requests, and a bounded Poisson load of streaming completions while the fault schedule
 kills a process and starts it again. Prints, per profile, requests answered / clear errors /
 hung / lost, the failures beyond those in flight on the dead pair at the kill, when the dead
-pair was last picked after the kill, and when it served its first 200 after the restart. Writes
+pair was last picked after the kill, and when it served its first 200 after the restart (after the
+load, a trickle of requests goes on until it has, for at most 90 s). Writes
 `<name>.json` (every request), `<name>.md` and `<name>_timeline.png` (picks per endpoint over
 time, faults marked).
 
@@ -106,10 +107,48 @@ async def _schedule(stack, schedule: list[fx.Fault], t0: float, log: list[dict])
             await asyncio.to_thread(fx.kill, stack, f.process, f.signal)
         else:
             await asyncio.to_thread(fx.restart, stack, f.process, f.signal)
+            asyncio.get_running_loop().create_task(_answering(_health_url(stack, f.process), f.process, t0, log))
         log.append({"action": action, "process": f.process, "at": round(time.time() - t0, 3)})
 
 
-async def _one_run(stack, args, schedule, workload, run_id: str) -> tuple[list, float, list[dict]]:
+async def _answering(url: str, process: str, t0: float, log: list[dict], timeout: float = 120.0) -> None:
+    """Note when a restarted process answers its /health again (its start-up time is not the EPP's)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if await asyncio.to_thread(fx.answers_200, url):
+            log.append({"action": "answering", "process": process, "at": round(time.time() - t0, 3)})
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _until_dead_serves(stack, args, dead: str, since: float, run_id: str, limit: float = 90.0) -> list:
+    """After the load: a trickle of requests until the restarted endpoint has answered one (or `limit` s pass).
+
+    On a loaded machine a restarted simulator can take longer to start than the load lasts;
+    these requests only time its return and are not counted with the load's.
+    """
+    import httpx
+
+    from chaos_benchmark.client import ANSWERED, send_one
+    from serving_benchmark.workload import Request
+
+    out = []
+    deadline = time.time() + limit
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout, connect=5.0)) as client:
+        i = 0
+        while time.time() < deadline:
+            picks, _ = read_file(stack.epp_log, since)
+            routed = {p.request_id for p in picks if p.endpoint == dead}
+            if any(s.request_id in routed and s.outcome == ANSWERED for s in out):
+                break
+            r = Request(i, "recovery " * 50, 50, 8, 0.0)
+            out.append(await send_one(client, stack.gateway_url, args.model, r, f"{run_id}-recovery-{i}", args.request_timeout))
+            i += 1
+            await asyncio.sleep(0.5)
+    return out
+
+
+async def _one_run(stack, args, schedule, workload, run_id: str) -> tuple[list, list, float, list[dict]]:
     actions: list[dict] = []
     t0 = time.time() + 0.2
     with tqdm(total=len(workload), desc=run_id, unit="req", leave=False) as bar:
@@ -117,7 +156,11 @@ async def _one_run(stack, args, schedule, workload, run_id: str) -> tuple[list, 
         faults = asyncio.create_task(_schedule(stack, schedule, t0, actions))
         sent, start = await load
         await faults
-    return sent, start, actions
+    recovery = []
+    f0 = schedule[0]
+    if f0.restart_at is not None:
+        recovery = await _until_dead_serves(stack, args, f0.endpoint(stack), start + f0.restart_at, run_id)
+    return sent, recovery, start, actions
 
 
 def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
@@ -127,7 +170,7 @@ def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
         asyncio.run(run_load(stack.gateway_url, args.model, warm, f"warmup-{profile}", args.request_timeout))
     before = _tracebacks(stack.logs)
     workload = build_workload(args.requests, args.qps, "poisson", args.max_request_len, args.max_output_tokens, args.seed)
-    sent, start, actions = asyncio.run(_one_run(stack, args, schedule, workload, f"{args.name}-{profile}"))
+    sent, recovery, start, actions = asyncio.run(_one_run(stack, args, schedule, workload, f"{args.name}-{profile}"))
     for f in schedule:
         if f.restart_at is not None:
             stack.procs.wait_http(fx.find(stack, f.process), _health_url(stack, f.process), timeout=60)
@@ -136,11 +179,13 @@ def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
     after = _tracebacks(stack.logs)
     tracebacks = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
     f0 = schedule[0]
-    a = analyse(sent, picks, events, start, f0.endpoint(stack), f0.at, f0.restart_at, _pick_interval(profile))
+    back = next((x["at"] for x in actions if x["action"] == "answering" and x["process"] == f0.process), None)
+    a = analyse(sent, picks, events, start, f0.endpoint(stack), f0.at, f0.restart_at, _pick_interval(profile), recovery, back)
     print(f"{profile:30} answered {a['answered']}/{a['requests']}  clear errors {a['clear_error']}  hung {a['hung']}  lost {a['lost']}  "
           f"failed beyond in-flight {a['failed_beyond_in_flight']} ({a['failed_beyond_in_flight_pct']:.1f}%)  "
           f"last pick of {a['dead_endpoint']} {a['last_pick_after_kill_s']} s after the kill  "
-          f"first 200 {a.get('first_200_after_restart_s')} s after the restart  tracebacks {sum(tracebacks.values())}", flush=True)
+          f"first 200 {a.get('first_200_after_restart_s')} s after the restart ({a.get('first_200_after_back_s')} s after it answered "
+          f"/health again)  tracebacks {sum(tracebacks.values())}", flush=True)
     return {"profile": profile, "faults": [{"process": f.process, "at": f.at, "restart_at": f.restart_at, "signal": f.signal} for f in schedule],
             "actions": actions, "tracebacks": sum(tracebacks.values()), "tracebacks_by_log": tracebacks, "analysis": a}
 

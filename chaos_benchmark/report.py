@@ -13,8 +13,13 @@ NOT_ROUTED = "(not routed)"
 
 
 def analyse(sent: Sequence[Sent], picks: Sequence[Pick], events: Sequence[HealthEvent], start: float, dead: str,
-            kill_at: float, restart_at: float | None, interval: float) -> dict:
-    """Figures of one run; times are seconds from the start of the load."""
+            kill_at: float, restart_at: float | None, interval: float, recovery: Sequence[Sent] = (),
+            back_at: float | None = None) -> dict:
+    """Figures of one run; times are seconds from the start of the load.
+
+    `recovery`: requests sent after the load only to time the restarted endpoint's first 200;
+    `back_at`: when the restarted process answered its /health again.
+    """
     by_rid = {p.request_id: p for p in picks}
     rel = lambda t: round(t - start, 3)  # noqa: E731
     rows = []
@@ -52,11 +57,16 @@ def analyse(sent: Sequence[Sent], picks: Sequence[Pick], events: Sequence[Health
         "pick_bound_after_kill_s": round(bound - kill_at, 3),
     }
     if restart_at is not None:
-        back = [r for r in rows if r["endpoint"] == dead and r["routed_at"] is not None and r["routed_at"] >= restart_at]
+        extra = [{**s.as_dict(), "endpoint": by_rid[s.request_id].endpoint if s.request_id in by_rid else "",
+                  "routed_at": rel(by_rid[s.request_id].at) if s.request_id in by_rid else None, "ended": rel(s.ended_at)} for s in recovery]
+        back = [r for r in rows + extra if r["endpoint"] == dead and r["routed_at"] is not None and r["routed_at"] >= restart_at]
         ok = sorted(r["ended"] for r in back if r["outcome"] == ANSWERED)
         out["first_pick_after_restart_s"] = round(min(r["routed_at"] for r in back) - restart_at, 3) if back else None
         out["first_200_after_restart_s"] = round(ok[0] - restart_at, 3) if ok else None
+        out["process_answering_after_restart_s"] = round(back_at - restart_at, 3) if back_at is not None else None
+        out["first_200_after_back_s"] = round(ok[0] - back_at, 3) if ok and back_at is not None else None
         out["failed_after_restart_on_dead"] = sum(1 for r in back if r["outcome"] != ANSWERED)
+        out["recovery_requests"] = len(extra)
     out["checks"] = {
         "failed_beyond_in_flight_le_1pct": out["failed_beyond_in_flight"] <= 0.01 * len(rows),
         "no_hung": counts[HUNG] == 0,
@@ -65,6 +75,8 @@ def analyse(sent: Sequence[Sent], picks: Sequence[Pick], events: Sequence[Health
     }
     if restart_at is not None:
         out["checks"]["200_within_10s_of_restart"] = out["first_200_after_restart_s"] is not None and out["first_200_after_restart_s"] <= 10.0
+        b = out["first_200_after_back_s"]
+        out["checks"]["200_within_10s_of_answering_again"] = b is not None and b <= 10.0
     out["health_events"] = [{"at": rel(e.at), "endpoint": e.endpoint, "event": e.event, "detail": e.detail} for e in events]
     out["error_samples"] = sorted({f"{r['outcome']} {r['status']} {r['error']}"[:160] for r in rows if r["outcome"] != ANSWERED})[:8]
     out["requests_detail"] = rows
@@ -77,7 +89,7 @@ def _s(v: float | None) -> str:
 
 def table(runs: list[dict]) -> str:
     head = ("| profile | answered | clear errors | hung | lost | failed beyond in-flight at kill | dead pair's picks during outage "
-            "| last pick after kill | first failure after kill | first 200 after restart | tracebacks |")
+            "| last pick after kill | first failure after kill | first 200 after restart (after the process answered again) | tracebacks |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         a = r["analysis"]
@@ -85,7 +97,7 @@ def table(runs: list[dict]) -> str:
                      f"{a['failed_beyond_in_flight']} ({a['failed_beyond_in_flight_pct']:.1f}%; {a['failed_in_flight_at_kill']} of "
                      f"{a['in_flight_on_dead_at_kill']} in flight excused) | {a['dead_picks_during_outage']} "
                      f"({100 * a['dead_share_during_outage']:.0f}%) | {_s(a['last_pick_after_kill_s'])} | {_s(a['first_failure_after_kill_s'])} | "
-                     f"{_s(a.get('first_200_after_restart_s'))} | {r.get('tracebacks', 0)} |")
+                     f"{_s(a.get('first_200_after_restart_s'))} ({_s(a.get('first_200_after_back_s'))}) | {r.get('tracebacks', 0)} |")
     return "\n".join(lines)
 
 

@@ -46,19 +46,20 @@ def test_figures_of_a_run(tmp_path):
             sent(4, 12, 13, ANSWERED), sent(5, 13, 14, ANSWERED), sent(6, 15, 16, ANSWERED), sent(7, 22, 23.5, ANSWERED)]
     where = ["p2p", "p2p", "p2p", "fs", "fs", "fs", "fs", "p2p"]
     picks = [Pick(100 + s.sent_at - 100 + 0.01, s.request_id, e) for s, e in zip(rows, where)]
-    a = analyse(rows, picks, [HealthEvent(110.4, "p2p", "Endpoint unready", "decode 0/1")], 100.0, "p2p", 10.0, 20.0, 1.0)
+    a = analyse(rows, picks, [HealthEvent(110.4, "p2p", "Endpoint unready", "decode 0/1")], 100.0, "p2p", 10.0, 20.0, 1.0, back_at=21.0)
     assert (a["answered"], a["clear_error"], a["hung"], a["lost"], a["failed"]) == (5, 1, 1, 1, 3)
     assert a["in_flight_on_dead_at_kill"] == 1 and a["failed_in_flight_at_kill"] == 1 and a["failed_beyond_in_flight"] == 2
     assert a["dead_picks_during_outage"] == 1 and a["last_pick_after_kill_s"] == pytest.approx(0.31)
     assert a["first_failure_after_kill_s"] == pytest.approx(0.2)  # r1's end, in flight at the kill
     assert a["picks_after_bound"] == 1  # r2 was picked after the first failure came back
     assert a["first_pick_after_restart_s"] == pytest.approx(2.01) and a["first_200_after_restart_s"] == pytest.approx(3.5)
+    assert a["first_200_after_back_s"] == pytest.approx(2.5) and a["process_answering_after_restart_s"] == 1.0
     assert a["checks"] == {"failed_beyond_in_flight_le_1pct": False, "no_hung": False, "no_lost": False, "no_pick_after_bound": False,
-                           "200_within_10s_of_restart": True}
+                           "200_within_10s_of_restart": True, "200_within_10s_of_answering_again": True}
     run = {"profile": "round-robin", "faults": [{"process": "vllm-p2p-proxy-decode", "at": 10.0, "restart_at": 20.0}], "tracebacks": 0,
            "analysis": a}
     md = table([run])
-    assert "| round-robin | 5/8 | 1 | 1 | 1 | 2 (25.0%; 1 of 1 in flight excused) | 1 (20%) | 0.31 s | 0.20 s | 3.50 s | 0 |" in md
+    assert "| round-robin | 5/8 | 1 | 1 | 1 | 2 (25.0%; 1 of 1 in flight excused) | 1 (20%) | 0.31 s | 0.20 s | 3.50 s (2.50 s) | 0 |" in md
     timeline_plot([run, {**run, "profile": "again"}], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
@@ -76,7 +77,8 @@ def test_one_small_run_end_to_end(tmp_path):
     data = json.loads((out / "smoke.json").read_text())
     a = data["runs"][0]["analysis"]
     assert a["requests"] == 40 and a["dead_endpoint"] == "vllm-fs-proxy" and len(a["requests_detail"]) == 40
-    assert [x["action"] for x in data["runs"][0]["actions"]] == ["kill", "restart"]
+    assert [x["action"] for x in data["runs"][0]["actions"]][:2] == ["kill", "restart"]
+    assert a["first_200_after_restart_s"] is not None and a["process_answering_after_restart_s"] is not None
     assert a["hung"] == 0 and a["answered"] >= 30, a["error_samples"]
     assert any(e["event"] == "Endpoint unready" and e["endpoint"] == "vllm-fs-proxy" for e in a["health_events"])
     assert (out / "smoke_timeline.png").is_file() and (out / "smoke.md").read_text().startswith("`epp-chaos ")
