@@ -103,12 +103,13 @@ async def _schedule(stack, schedule: list[fx.Fault], t0: float, log: list[dict])
         delay = t0 + at - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        done = {"action": action, "process": f.process, "at": round(time.time() - t0, 3)}  # the signal goes now
         if action == "kill":
             await asyncio.to_thread(fx.kill, stack, f.process, f.signal)
         else:
             await asyncio.to_thread(fx.restart, stack, f.process, f.signal)
             asyncio.get_running_loop().create_task(_answering(_health_url(stack, f.process), f.process, t0, log))
-        log.append({"action": action, "process": f.process, "at": round(time.time() - t0, 3)})
+        log.append(done)
 
 
 async def _answering(url: str, process: str, t0: float, log: list[dict], timeout: float = 120.0) -> None:
@@ -179,8 +180,11 @@ def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
     after = _tracebacks(stack.logs)
     tracebacks = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
     f0 = schedule[0]
-    back = next((x["at"] for x in actions if x["action"] == "answering" and x["process"] == f0.process), None)
-    a = analyse(sent, picks, events, start, f0.endpoint(stack), f0.at, f0.restart_at, _pick_interval(profile), recovery, back)
+    def when(action: str, default: float | None) -> float | None:  # the schedule's times as they happened
+        return next((x["at"] for x in actions if x["action"] == action and x["process"] == f0.process), default)
+
+    a = analyse(sent, picks, events, start, f0.endpoint(stack), when("kill", f0.at), when("restart", f0.restart_at),
+                _pick_interval(profile), recovery, when("answering", None))
     print(f"{profile:30} answered {a['answered']}/{a['requests']}  clear errors {a['clear_error']}  hung {a['hung']}  lost {a['lost']}  "
           f"failed beyond in-flight {a['failed_beyond_in_flight']} ({a['failed_beyond_in_flight_pct']:.1f}%)  "
           f"last pick of {a['dead_endpoint']} {a['last_pick_after_kill_s']} s after the kill  "

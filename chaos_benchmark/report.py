@@ -119,12 +119,13 @@ def timeline_plot(runs: list[dict], path: Path) -> None:
                    for r in detail if r["outcome"] == outcome]
             if pts:
                 ax.scatter([x for x, _ in pts], [y for _, y in pts], s=9, color=colour, label=outcome.replace("_", " "), alpha=0.8)
-        for f in run["faults"]:
-            ax.axvline(f["at"], color="black", linestyle="--", linewidth=1)
-            ax.text(f["at"], len(endpoints) - 0.45, f" kill {f['process']}", fontsize=7, va="top")
-            if f["restart_at"] is not None:
-                ax.axvline(f["restart_at"], color="tab:blue", linestyle="--", linewidth=1)
-                ax.text(f["restart_at"], len(endpoints) - 0.45, " restart", fontsize=7, va="top", color="tab:blue")
+        marks = {"kill": ("black", "kill {process}"), "restart": ("tab:blue", "restart"), "answering": ("tab:gray", "answering again")}
+        actions = run.get("actions") or [{"action": a, "process": f["process"], "at": f[k]} for f in run["faults"]
+                                         for a, k in (("kill", "at"), ("restart", "restart_at")) if f[k] is not None]
+        for x in actions:
+            colour, label = marks[x["action"]]
+            ax.axvline(x["at"], color=colour, linestyle="--" if x["action"] != "answering" else ":", linewidth=1)
+            ax.text(x["at"], len(endpoints) - 0.45, " " + label.format(process=x["process"]), fontsize=7, va="top", color=colour)
         for e in a["health_events"]:
             if e["endpoint"] in row and e["event"] in ("Endpoint ejected", "Endpoint unready", "Endpoint re-admitted"):
                 marker = "v" if e["event"] != "Endpoint re-admitted" else "^"
