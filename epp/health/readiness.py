@@ -26,6 +26,7 @@ from epp.health.policy import ReadinessPolicy
 
 ROLES = ("prefill", "decode")
 MAX_BODY = 64 * 1024
+MIN_SPACING = 0.1  # seconds between two probes of one endpoint asked for out of turn (failures come in bursts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,7 @@ class ReadinessProber:
         self._task: asyncio.Task | None = None
         self._running: dict[str, asyncio.Task] = {}
         self._due: dict[str, float] = {}
+        self._started: dict[str, float] = {}
         self._asap: set[str] = set()
         self._wake: asyncio.Event | None = None
 
@@ -155,9 +157,13 @@ class ReadinessProber:
             return Verdict(False, f"{p.path}: {type(e).__name__}: {e}")
 
     async def _run(self, ep: Endpoint) -> None:
-        verdict = await self.probe(ep)
-        self.probes += 1
-        self.report(ep, verdict)
+        try:
+            verdict = await self.probe(ep)
+            self.probes += 1
+            self.report(ep, verdict)
+        finally:
+            if self._wake is not None:
+                self._wake.set()  # a probe asked for while this one ran may be due now
 
     async def _loop(self) -> None:
         assert self._wake is not None
@@ -173,8 +179,11 @@ class ReadinessProber:
                 if running is not None and not running.done():
                     continue
                 due = self._due.get(key, 0.0)
-                if now >= due or key in self._asap:
+                if key in self._asap:  # asked for: now, but not more often than every MIN_SPACING
+                    due = min(due, self._started.get(key, float("-inf")) + MIN_SPACING)
+                if now >= due:
                     self._asap.discard(key)
+                    self._started[key] = now
                     self._due[key] = due = now + interval
                     self._running[key] = asyncio.create_task(self._run(ep), name=f"readiness-{key}")
                 next_due = min(next_due, due)
@@ -183,11 +192,11 @@ class ReadinessProber:
             if len(self._due) > len(seen):  # endpoints that left the pool
                 for key in set(self._due) - seen:
                     self._due.pop(key, None)
+                    self._started.pop(key, None)
                     self._asap.discard(key)
             self._wake.clear()
-            # a probe in flight that was asked for again: look again shortly after it ends
-            wait = 0.02 if self._asap else max(0.0, next_due - time.monotonic())
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: a wake-up at the moment of a cancel must not swallow it
+                async with asyncio.timeout(max(0.0, next_due - time.monotonic())):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
