@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "epp-chaos " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / f"{args.name}.md").write_text(f"`{command}`\n\n{md}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                       "requests": args.requests, "qps": args.qps, "runs": runs}, indent=1))
+                                                       "requests": args.requests, "qps": args.qps, "runs": runs}, separators=(",", ":")))
     timeline_plot(runs, out / f"{args.name}_timeline.png")
     print(f"wrote {out}/{args.name}.md, .json and _timeline.png")
     if failed:

@@ -22,11 +22,14 @@ def analyse(sent: Sequence[Sent], picks: Sequence[Pick], events: Sequence[Health
     """
     by_rid = {p.request_id: p for p in picks}
     rel = lambda t: round(t - start, 3)  # noqa: E731
-    rows = []
-    for s in sent:
+    def row(s: Sent) -> dict:
         p = by_rid.get(s.request_id)
-        rows.append({**s.as_dict(), "endpoint": p.endpoint if p else "", "routed_at": rel(p.at) if p else None,
-                     "sent": rel(s.sent_at), "ended": rel(s.ended_at)})
+        return {"index": s.index, "request_id": s.request_id, "sent": rel(s.sent_at), "routed_at": rel(p.at) if p else None,
+                "first_byte": rel(s.first_byte_at) if s.first_byte_at else None, "ended": rel(s.ended_at),
+                "endpoint": p.endpoint if p else "", "outcome": s.outcome, "status": s.status, "error": s.error,
+                "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens}
+
+    rows = [row(s) for s in sent]
     counts = {o: sum(1 for r in rows if r["outcome"] == o) for o in OUTCOMES}
     failed = len(rows) - counts[ANSWERED]
     end_of_outage = restart_at if restart_at is not None else float("inf")
@@ -57,8 +60,7 @@ def analyse(sent: Sequence[Sent], picks: Sequence[Pick], events: Sequence[Health
         "pick_bound_after_kill_s": round(bound - kill_at, 3),
     }
     if restart_at is not None:
-        extra = [{**s.as_dict(), "endpoint": by_rid[s.request_id].endpoint if s.request_id in by_rid else "",
-                  "routed_at": rel(by_rid[s.request_id].at) if s.request_id in by_rid else None, "ended": rel(s.ended_at)} for s in recovery]
+        extra = [row(s) for s in recovery]
         back = [r for r in rows + extra if r["endpoint"] == dead and r["routed_at"] is not None and r["routed_at"] >= restart_at]
         ok = sorted(r["ended"] for r in back if r["outcome"] == ANSWERED)
         out["first_pick_after_restart_s"] = round(min(r["routed_at"] for r in back) - restart_at, 3) if back else None
