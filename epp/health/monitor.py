@@ -15,9 +15,9 @@ Envoy's outlier detection, applied before the scheduler's filters run:
 * **half-open re-admission**: after an ejection ends or readiness returns, the endpoint takes one
   trial request at a time; the first success re-admits it, a failure ejects it again for longer;
 * **panic**: when fewer than panicThreshold % of the candidates are admissible, the EPP routes
-  anyway (Envoy's healthy panic threshold) — to the excluded endpoints that answered a request
-  within the last `interval` if there are any (a check that failed on a loaded machine), else to
-  all of them — and the decision log says so.
+  anyway (Envoy's healthy panic threshold) — to the excluded endpoints whose last request did not
+  fail if there are any (a check that failed on a loaded machine), else to all of them — and the
+  decision log says so.
 
 Every exclusion has a reason that goes into the decision log; transitions are logged as events.
 """
@@ -88,10 +88,9 @@ class HealthMonitor:
         if not excluded:
             return Admission(endpoints)
         if len(kept) * 100 < self.policy.panic_threshold * len(endpoints):
-            # panic: rather those excluded endpoints that answered within the last interval (a flaky check) than all
-            since = now - self.policy.outlier.interval
-            recent = [e for e in endpoints if e.key not in excluded or self.states[e.key].last_success_at >= since]
-            return Admission(recent or endpoints, excluded, panic=True)
+            # panic: rather the excluded endpoints whose last request did not fail (a flaky check) than all of them
+            plausible = [e for e in endpoints if e.key not in excluded or not self.states[e.key].last_request_failed]
+            return Admission(plausible or endpoints, excluded, panic=True)
         return Admission(kept, excluded)
 
     def _exclusion(self, key: str, now: float) -> str | None:
@@ -124,9 +123,9 @@ class HealthMonitor:
         now = self.clock()
         if kind == oc.SUCCESS or kind == oc.CLIENT_ERROR:  # any answer that is not a 5xx resets Envoy's counters
             st.consecutive_5xx = st.consecutive_gateway = 0
+            st.last_request_failed = False
             if kind == oc.SUCCESS:
                 st.interval_success += 1
-                st.last_success_at = now
                 if ttfb is not None:
                     st.ttfb_ewma = ttfb if st.ttfb_ewma is None else (1 - TTFB_ALPHA) * st.ttfb_ewma + TTFB_ALPHA * ttfb
             if st.half_open and not st.ejected_until and st.ready is not False and st.trial in (None, flight_id):
@@ -138,6 +137,7 @@ class HealthMonitor:
             if st.trial == flight_id:
                 st.trial = None
             st.interval_failure += 1
+            st.last_request_failed = True
             st.last_failure = f"{kind}{': ' + detail if detail else ''}"
             st.last_failure_at = now
             st.consecutive_5xx += 1

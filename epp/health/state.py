@@ -29,7 +29,7 @@ class EndpointHealth:
     outcomes: dict[str, int] = field(default_factory=dict)
     last_failure: str = ""
     last_failure_at: float = 0.0
-    last_success_at: float = float("-inf")
+    last_request_failed: bool = False  # the most recent request that ended with a verdict on the endpoint failed
     ttfb_ewma: float | None = None  # seconds to the response's first byte, successes only
     # outlier ejection
     ejected_until: float = 0.0  # monotonic deadline; 0 = not ejected
