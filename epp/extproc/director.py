@@ -39,6 +39,7 @@ class InFlight:
     _status: int = 0
     first_byte_at: float = 0.0
     verdict: str = ""  # a failure endpoint health's watchdog already recorded (no first byte in time, stalled)
+    stream_error: int = 0  # the status in an SSE error event the response carried (it started as a 200)
 
     @property
     def status(self) -> int:
@@ -145,11 +146,14 @@ class Director:
         flight.finished = True
         self.inflight.pop(id(flight.request), None)
         req = flight.request
-        kind = flight.verdict or oc.classify(outcome, flight.status, flight.first_byte_at > 0)
+        kind = flight.verdict or oc.classify(outcome, flight.stream_error or flight.status, flight.first_byte_at > 0)
         target = flight.result.targets[0] if flight.result is not None and flight.result.targets else None
         if self.health is not None and target is not None and not flight.verdict:
             ttfb = flight.first_byte_at - flight.started if flight.first_byte_at else None
-            self.health.record(target, kind, id(req), ttfb=ttfb, detail=f"status {flight.status}" if flight.status else "")
+            detail = f"status {flight.status}" if flight.status else ""
+            if flight.stream_error:
+                detail = f"error event {flight.stream_error} in a {flight.status} stream"
+            self.health.record(target, kind, id(req), ttfb=ttfb, detail=detail)
         series = self.metrics.model(req.model, req.target_model)
         series.running.dec()
         if outcome == "success":

@@ -4,10 +4,14 @@ Classified from what ext_proc sees. Behind a real Envoy a refused connection, a 
 response and a route timeout reach ext_proc as Envoy's own 503/504 reply (checked with Envoy
 1.40), so they are gateway failures by status, as in Envoy's outlier detection. A stream that
 ends without its end-of-stream cannot be told apart from a client that went away; it is not held
-against the endpoint, but it makes the EPP check the endpoint's readiness at once.
+against the endpoint, but it makes the EPP check the endpoint's readiness at once. A 200 stream
+that ends with an SSE error event (how vLLM and the P/D proxy end a stream whose backend failed
+after it started) counts with the event's status.
 """
 
 from __future__ import annotations
+
+import orjson
 
 SUCCESS = "success"
 HTTP_5XX = "http_5xx"  # 500, 501, 505, …: the endpoint answered with an error
@@ -24,6 +28,18 @@ KINDS = (SUCCESS, HTTP_5XX, GATEWAY_FAILURE, FIRST_BYTE_TIMEOUT, STREAM_STALLED,
 FAILURES = frozenset({HTTP_5XX, GATEWAY_FAILURE, FIRST_BYTE_TIMEOUT, STREAM_STALLED})
 GATEWAY_FAILURES = frozenset({GATEWAY_FAILURE, FIRST_BYTE_TIMEOUT, STREAM_STALLED})  # Envoy maps timeouts to 504
 SUSPICIOUS = frozenset({ABORTED, RESET})  # ambiguous: check the endpoint's readiness now
+
+
+def stream_error_status(data: bytes) -> int:
+    """The status of an SSE error event (`data: {"error": {…, "code": 503}}`, as vLLM and the P/D proxy end
+    a stream that failed after it started); 500 when the event is cut off or names no code."""
+    start = data.find(b'data: {"error"')
+    line = data[start + 6:].split(b"\n", 1)[0]
+    try:
+        code = orjson.loads(line)["error"].get("code")
+    except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError):
+        return 500
+    return code if isinstance(code, int) and 400 <= code < 600 else 500
 
 
 def classify(end: str, status: int, first_byte: bool) -> str:

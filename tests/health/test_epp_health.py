@@ -141,3 +141,19 @@ def test_endpoint_health_is_listed_under_plugins_only():
         build(resolve_config(config_text=two))
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.parameters\.outlierDetection: .*outlierDetection\.baseEjection: unknown parameter"):
         build(resolve_config(config_text="plugins:\n- {type: endpoint-health, parameters: {outlierDetection: {baseEjection: 1s}}}\n"))
+
+
+async def test_a_200_stream_that_ends_in_an_error_event_counts_as_a_failure(make_epp):
+    epp = await make_epp(config_profile=None, config_text=config())
+    s = EnvoyStream(epp.stub)
+    res = await s.send_request({**H, "x-request-id": "broken-stream"}, body(stream=True))
+    chunks = [b'data: {"choices": [{"text": "tok0 "}]}\n\n',
+              b'data: {"error": {"message": "decode closed the connection mid-stream", "type": "DecodeError", "code": 502}}\n\ndata: [DONE]\n\n']
+    with capture_logs() as logs:
+        await s.send_response(200, chunks, content_type="text/event-stream")
+        await s.close()
+    name = {P2P: "vllm-p2p-proxy", FS: "vllm-fs-proxy"}[res.destination]
+    assert epp.endpoint_health.states[name].outcomes == {"gateway_failure": 1}
+    ended = [e for e in logs if e["event"] == "Request ended"]
+    assert ended and ended[0]["outcome"] == "gateway_failure" and ended[0]["status"] == 200
+    assert epp.endpoint_health.states[name].last_failure == "gateway_failure: error event 502 in a 200 stream"

@@ -282,3 +282,12 @@ def test_policy_parameters_with_envoy_names_and_clear_errors():
     ):
         with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
             parse_policy("h", params)
+
+
+def test_stream_error_event_status():
+    event = b'data: {"id": "x"}\n\ndata: {"error": {"message": "decode closed the connection mid-stream", "type": "DecodeError", "code": 502}}\n\ndata: [DONE]\n\n'
+    assert oc.stream_error_status(event) == 502
+    assert oc.stream_error_status(b'data: {"error": {"message": "cut') == 500
+    assert oc.stream_error_status(b'data: {"error": "engine dead"}\n') == 500
+    assert oc.stream_error_status(b'data: {"error": {"code": 429}}\n') == 429
+    assert oc.classify("success", 502, True) == oc.GATEWAY_FAILURE
