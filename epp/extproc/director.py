@@ -153,7 +153,7 @@ class Director:
             detail = f"status {flight.status}" if flight.status else ""
             if flight.stream_error:
                 detail = f"error event {flight.stream_error} in a {flight.status} stream"
-            self.health.record(target, kind, id(req), ttfb=ttfb, detail=detail)
+            self.health.record(target, kind, id(req), ttfb=ttfb, detail=detail, routed_at=flight.started)
         series = self.metrics.model(req.model, req.target_model)
         series.running.dec()
         if outcome == "success":

@@ -115,7 +115,9 @@ class HealthMonitor:
 
     # -- passive outcomes -----------------------------------------------------------------------------
     def record(self, endpoint: Endpoint, kind: str, flight_id: int | None = None, *, ttfb: float | None = None,
-               detail: str = "") -> None:
+               detail: str = "", routed_at: float | None = None) -> None:
+        """One request's end. `routed_at` (monotonic): a failure of a request routed before the endpoint went
+        half-open is old news and does not fail its trial."""
         if self._datastore is not None and self._datastore.get(endpoint.key) is None:
             return  # it left the pool while the request was in flight
         st = self._state(endpoint)
@@ -147,7 +149,8 @@ class HealthMonitor:
                 return
             o = self.policy.outlier
             if st.half_open:
-                self._eject(st, hs.TRIAL_FAILED, f"half-open trial failed ({st.last_failure})", 100, now)
+                if routed_at is None or routed_at >= st.half_open_since:
+                    self._eject(st, hs.TRIAL_FAILED, f"half-open trial failed ({st.last_failure})", 100, now)
             elif st.consecutive_gateway >= o.consecutive_gateway_failure:
                 self._eject(st, hs.CONSECUTIVE_GATEWAY_FAILURE, f"{st.consecutive_gateway} gateway failures in a row ({st.last_failure})",
                             o.enforcing_consecutive_gateway_failure, now)
@@ -176,7 +179,7 @@ class HealthMonitor:
                 if st.ejected_until and st.unready_while_ejected:
                     self._end_ejection(st, "ready again after being unready")
                 else:
-                    st.half_open = True
+                    st.half_open, st.half_open_since = True, self.clock()
                 self._watched.add(st.key)
                 self.log.info("Endpoint ready", endpoint=st.key, hostport=st.hostport, readiness=verdict.detail)
             return
@@ -221,7 +224,7 @@ class HealthMonitor:
     def _end_ejection(self, st: EndpointHealth, why: str) -> None:
         st.ejected_until = 0.0
         st.unready_while_ejected = False
-        st.half_open, st.trial = True, None
+        st.half_open, st.trial, st.half_open_since = True, None, self.clock()
         self._watched.add(st.key)
         self.log.info("Endpoint half-open", endpoint=st.key, hostport=st.hostport, reason=why, was=st.ejection_reason)
 
@@ -266,7 +269,8 @@ class HealthMonitor:
                 waited = now - f.started
                 if waited > p.first_byte_deadline(f.request.stream, f.request.max_tokens):
                     f.verdict = oc.FIRST_BYTE_TIMEOUT
-                    self.record(f.result.targets[0], oc.FIRST_BYTE_TIMEOUT, id(f.request), detail=f"no response after {waited:.1f}s")
+                    self.record(f.result.targets[0], oc.FIRST_BYTE_TIMEOUT, id(f.request), detail=f"no response after {waited:.1f}s",
+                                routed_at=f.started)
                     found += 1
                 continue
             alive.add(fid)
@@ -276,7 +280,7 @@ class HealthMonitor:
             elif now - seen[1] > p.stream_idle_timeout:
                 f.verdict = oc.STREAM_STALLED
                 self.record(f.result.targets[0], oc.STREAM_STALLED, id(f.request),
-                            detail=f"nothing sent for {now - seen[1]:.1f}s after {f.response_bytes} bytes")
+                            detail=f"nothing sent for {now - seen[1]:.1f}s after {f.response_bytes} bytes", routed_at=f.started)
                 found += 1
         for fid in [k for k in self._progress if k not in alive]:
             del self._progress[fid]

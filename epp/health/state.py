@@ -46,6 +46,7 @@ class EndpointHealth:
     instances: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> (up, total), from the endpoint's /health
     # half-open: after an ejection or unreadiness ends, one trial request at a time until one succeeds
     half_open: bool = False
+    half_open_since: float = 0.0
     trial: int | None = None
 
     def state(self, now: float) -> str:

@@ -107,6 +107,19 @@ def test_a_failed_trial_ejects_again_for_longer_and_the_multiplier_decays():
     assert m.snapshot("e0")["multiplier"] == 1
 
 
+def test_a_late_failure_of_a_request_routed_before_half_open_does_not_fail_the_trial():
+    clock = Clock()
+    m, (a, b) = monitor(clock=clock, consecutive_gateway_failure=1)
+    old_request_routed = clock.t
+    m.record(a, oc.GATEWAY_FAILURE)
+    clock.t += 11
+    m.admit([a, b])  # half-open now
+    m.record(a, oc.FIRST_BYTE_TIMEOUT, 99, routed_at=old_request_routed)  # the watchdog on a request from before the ejection
+    assert m.snapshot("e0")["state"] == "half_open"
+    m.record(a, oc.GATEWAY_FAILURE, 100, routed_at=clock.t)
+    assert m.snapshot("e0")["state"] == "ejected"
+
+
 def test_a_neutral_trial_end_frees_the_trial_slot():
     clock = Clock()
     m, (a, b) = monitor(clock=clock, consecutive_gateway_failure=1)
