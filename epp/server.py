@@ -23,7 +23,7 @@ from epp.config import build, resolve_config
 from epp.datastore import Datastore
 from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
-from epp.extproc.service import DEFAULT_MAX_BODY, ExternalProcessor
+from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
 from epp.scheduling.registry import PluginContext
@@ -48,6 +48,8 @@ class ServerOptions:
     secure_serving: bool = True
     cert_path: str | None = None
     max_request_body_bytes: int = DEFAULT_MAX_BODY
+    max_buffered_body_bytes: int = DEFAULT_BODY_BUDGET  # all streams together; 0 = unbounded
+    trust_model_rewrite_header: bool = False
     request_timeout: float = 600.0
     disable_endpoint_subset_filter: bool = False
     refresh_metrics_interval: float = 0.05
@@ -71,7 +73,8 @@ class EPPServer:
             request_timeout=o.request_timeout,
             disable_subset_filter=o.disable_endpoint_subset_filter,
         )
-        self.processor = ExternalProcessor(self.director, o.max_request_body_bytes)
+        self.processor = ExternalProcessor(self.director, o.max_request_body_bytes, o.max_buffered_body_bytes,
+                                           o.trust_model_rewrite_header)
         self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
