@@ -15,7 +15,6 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.admin.service import AdminService
 from epp.admin.service import add_to_server as add_admin
@@ -26,6 +25,7 @@ from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
+from epp.observability.metrics_server import MetricsEndpoint
 from epp.scheduling.registry import PluginContext
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -80,6 +80,7 @@ class EPPServer:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self.metrics_authorizer: Any = None
         self._tasks: list[asyncio.Task] = []
         self.discovery: Any = None
         self.scraper: Any = None
@@ -162,15 +163,9 @@ class EPPServer:
         return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
     async def _start_metrics(self, port: int) -> int:
-        registry = self.metrics.registry
-
-        async def metrics(_request: web.Request) -> web.Response:
-            self.metrics.update_pool(self.datastore.endpoints())
-            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
+        self.metrics.watch_pool(self.datastore.endpoints)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.metrics_authorizer)
+        self._metrics_runner = web.AppRunner(self.metrics_endpoint.app(), access_log=None)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, self.options.bind_address, port)
         await site.start()

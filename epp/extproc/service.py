@@ -14,11 +14,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp.extproc import messages as msg
 from epp.extproc.body_budget import BodyBudget
 from epp.extproc.director import Director
-from epp.extproc.handler import IDLE, REQUEST_BODY, StreamHandler
+from epp.extproc.handler import StreamHandler
 from epp.observability.logging import get_logger
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_BODY_BUDGET = 256 * 1024 * 1024
+DRAIN_LIMIT = 1024  # messages read without answer after the stream's end was decided
 
 log = get_logger("epp.extproc")
 
@@ -36,16 +37,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC name)
         handler = StreamHandler(self.director, self.max_body, self.budget, self.trust_rewrite)
         self.open_streams += 1
+        drained = 0
         try:
             async for req in request_iterator:
+                if handler.ended:
+                    # After an ImmediateResponse or a protocol violation nothing more is answered; messages
+                    # already in flight are read so the stream still ends with OK when Envoy closes it.
+                    drained += 1
+                    if drained > DRAIN_LIMIT:
+                        break
+                    continue
                 try:
                     replies = handler.handle(req)
                 except Exception as e:  # a bug must cost one request, not the stream's gRPC status
                     replies = self._internal_error(handler, req, e)
                 for resp in replies:
                     yield resp
-                if handler.ended:
-                    break  # Envoy ends the HTTP stream after an ImmediateResponse
         finally:
             self.open_streams -= 1
             # Stream over — response done, client disconnect, reset, violation or error: release it all.
@@ -56,7 +63,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         kind = req.WhichOneof("request")
         log.error("ext_proc stream failed", request_id=handler.request_id or None, message=kind, phase=handler.phase,
                   error=f"{type(error).__name__}: {error}", exc_info=error)
-        routing = handler.phase in (IDLE, REQUEST_BODY) and kind in ("request_headers", "request_body", "request_trailers")
+        routing = kind in ("request_headers", "request_body", "request_trailers")  # an ImmediateResponse still fits
         handler.closed = True
         handler.release("error")
         if routing:
