@@ -24,7 +24,7 @@ from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
 from epp.observability.logging import get_logger
-from epp.observability.metrics import EPPMetrics
+from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
 from epp.scheduling.registry import PluginContext
 
@@ -50,6 +50,8 @@ class ServerOptions:
     max_request_body_bytes: int = DEFAULT_MAX_BODY
     max_buffered_body_bytes: int = DEFAULT_BODY_BUDGET  # all streams together; 0 = unbounded
     trust_model_rewrite_header: bool = False
+    model_name_metric_label_limit: int = DEFAULT_MODEL_LABEL_LIMIT
+    fairness_id_metric_label_limit: int = DEFAULT_FAIRNESS_LABEL_LIMIT
     request_timeout: float = 600.0
     disable_endpoint_subset_filter: bool = False
     refresh_metrics_interval: float = 0.05
@@ -60,7 +62,8 @@ class EPPServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = o = options
         self.datastore = Datastore()
-        self.metrics = EPPMetrics(pool_name=o.pool_name or "local")
+        self.metrics = EPPMetrics(pool_name=o.pool_name or "local", model_label_limit=o.model_name_metric_label_limit,
+                                  fairness_label_limit=o.fairness_id_metric_label_limit)
         self.loaded = resolve_config(o.config_file, o.config_text, o.config_profile)
         ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin)
