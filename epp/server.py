@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import datetime
 import gc
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ class ServerOptions:
     max_buffered_body_bytes: int = DEFAULT_BODY_BUDGET  # all streams together; 0 = unbounded
     trust_model_rewrite_header: bool = False
     model_name_metric_label_limit: int = DEFAULT_MODEL_LABEL_LIMIT
+    metrics_endpoint_auth: bool | None = None  # None: on with Kubernetes discovery (--pool-name), off otherwise
+    admin_socket: str | None = None  # EndpointPickerAdmin's Unix socket; None: the default path, "": not served
     fairness_id_metric_label_limit: int = DEFAULT_FAIRNESS_LABEL_LIMIT
     request_timeout: float = 600.0
     disable_endpoint_subset_filter: bool = False
@@ -82,6 +86,8 @@ class EPPServer:
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
+        self._admin_grpc: grpc.aio.Server | None = None
+        self.admin_socket = ""
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_authorizer: Any = None
         self._tasks: list[asyncio.Task] = []
@@ -97,15 +103,15 @@ class EPPServer:
         self._grpc = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        add_admin(self.admin, self._grpc)
         self.ports["grpc"] = self._bind(self._grpc, o.grpc_port, creds)
         self._health_grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
-        add_admin(self.admin, self._health_grpc)
         self.ports["health"] = self._bind(self._health_grpc, o.grpc_health_port, None)
+        self.metrics_authorizer = await self._metrics_authorizer()
         await self._set_health(False)
         await self._grpc.start()
         await self._health_grpc.start()
+        await self._start_admin()
         self.ports["metrics"] = await self._start_metrics(o.metrics_port)
         await self._start_discovery()
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
@@ -138,8 +144,14 @@ class EPPServer:
             await self._grpc.stop(grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
+        if self._admin_grpc is not None:
+            await self._admin_grpc.stop(0)
+            with contextlib.suppress(OSError):
+                os.unlink(self.admin_socket)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self.metrics_authorizer is not None:
+            await self.metrics_authorizer.close()
         log.info("EPP stopped")
 
     async def wait_for_termination(self) -> None:
@@ -164,6 +176,48 @@ class EPPServer:
             return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
         key_pem, cert_pem = self_signed_certificate()
         return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+    async def _start_admin(self) -> None:
+        """EndpointPickerAdmin (endpoints, labels, config) on a Unix socket only the EPP's user can open.
+
+        It is not on the ext_proc or health ports: those are reachable from the network (Envoy,
+        kubelet probes), and what the admin API shows is for operators (`kubectl exec … epp endpoints`).
+        """
+        path = self.options.admin_socket
+        if path is None:
+            path = default_admin_socket(self.ports["grpc"])
+        if not path:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a socket left by a process that died
+        self._admin_grpc = grpc.aio.server()
+        add_admin(self.admin, self._admin_grpc)
+        old_umask = os.umask(0o177)  # the socket file is created 0600
+        try:
+            bound = self._admin_grpc.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old_umask)
+        if not bound:
+            raise OSError(f"cannot create the admin socket {path}; choose another with --admin-socket")
+        await self._admin_grpc.start()
+        self.admin_socket = path
+
+    async def _metrics_authorizer(self):
+        o = self.options
+        wanted = o.metrics_endpoint_auth if o.metrics_endpoint_auth is not None else bool(o.pool_name and not o.endpoints_file)
+        if not wanted:
+            return None
+        from epp.discovery.kubernetes import InferencePoolDiscovery
+        from epp.observability.metrics_auth import KubernetesAuthorizer
+
+        try:
+            creds = await InferencePoolDiscovery(self.datastore, o.pool_name, o.pool_namespace, kubeconfig=o.kubeconfig)._credentials()
+        except Exception as e:  # no kubeconfig, not in a cluster
+            raise ValueError(
+                f"--metrics-endpoint-auth needs the Kubernetes API to review scrapers' tokens, and none is reachable ({e}); "
+                "run in a cluster or give --kubeconfig, or pass --metrics-endpoint-auth=false"
+            ) from None
+        return KubernetesAuthorizer(creds)
 
     async def _start_metrics(self, port: int) -> int:
         self.metrics.watch_pool(self.datastore.endpoints)
@@ -217,6 +271,11 @@ class EPPServer:
             await asyncio.sleep(0.2 if not serving else 1.0)
 
 
+def default_admin_socket(grpc_port: int) -> str:
+    """Where `epp serve` puts the admin socket, and where `epp endpoints` looks for it."""
+    return os.path.join(tempfile.gettempdir(), f"epp-admin-{grpc_port}.sock")
+
+
 def self_signed_certificate() -> tuple[bytes, bytes]:
     """(key PEM, cert PEM) for --secure-serving without --cert-path, as the Go EPP does."""
     from cryptography import x509
@@ -242,4 +301,4 @@ def self_signed_certificate() -> tuple[bytes, bytes]:
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-__all__ = ["EPPServer", "ServerOptions", "self_signed_certificate"]
+__all__ = ["EPPServer", "ServerOptions", "default_admin_socket", "self_signed_certificate"]
