@@ -221,6 +221,7 @@ class EPPServer:
 
     async def _start_metrics(self, port: int) -> int:
         self.metrics.watch_pool(self.datastore.endpoints)
+        self.metrics.watch_body_budget(self.processor.budget)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.metrics_authorizer)
         self._metrics_runner = web.AppRunner(self.metrics_endpoint.app(), access_log=None)
         await self._metrics_runner.setup()

@@ -291,6 +291,20 @@ class _SelectionCollector(Collector):
         return iter(())
 
 
+class _BudgetCollector(Collector):
+    def __init__(self, budget: Any) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[Any]:
+        b = self.budget
+        yield _gauge("inference_epp_buffered_request_bytes", "Request body bytes held by all ext_proc streams now.", (), [((), b.held)])
+        yield _gauge("inference_epp_buffered_request_bytes_limit", "--max-buffered-body-bytes (0: unbounded).", (), [((), b.limit)])
+        yield _counter("inference_epp_buffered_request_refusals_total", "Requests refused with 429 because the body budget was full.", (), [((), b.refused)])
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+
 class EPPMetrics:
     def __init__(self, pool_name: str = "", registry: CollectorRegistry | None = None,
                  model_label_limit: int = DEFAULT_MODEL_LABEL_LIMIT, fairness_label_limit: int = DEFAULT_FAIRNESS_LABEL_LIMIT) -> None:
@@ -354,6 +368,10 @@ class EPPMetrics:
         if c is None:
             c = self._selections[key] = _Count()
         return c
+
+    def watch_body_budget(self, budget: Any) -> None:
+        """`inference_epp_buffered_request_bytes`: request bytes all streams hold now (and its limit)."""
+        self.registry.register(_BudgetCollector(budget))
 
     def watch_pool(self, endpoints) -> None:
         """Pool gauges read `endpoints()` at each scrape."""
