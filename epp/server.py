@@ -29,8 +29,10 @@ from epp.observability.logging import get_logger
 from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
 from epp.scheduling.registry import PluginContext
+from epp.util import memory
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+TRIM_AFTER_RELEASED_BYTES = 32 * 1024 * 1024
 log = get_logger("epp.server")
 
 
@@ -98,6 +100,7 @@ class EPPServer:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.options
+        memory.tune_allocator()
         creds = self._credentials() if o.secure_serving else None
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.http2.max_pings_without_data", 0)]
         self._grpc = grpc.aio.server(options=opts)
@@ -222,7 +225,7 @@ class EPPServer:
     async def _start_metrics(self, port: int) -> int:
         self.metrics.watch_pool(self.datastore.endpoints)
         self.metrics.watch_body_budget(self.processor.budget)
-        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.metrics_authorizer)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.render, self.metrics_authorizer)
         self._metrics_runner = web.AppRunner(self.metrics_endpoint.app(), access_log=None)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, self.options.bind_address, port)
@@ -269,6 +272,10 @@ class EPPServer:
                 await self._set_health(serving)
                 log.info("Health", serving=serving, endpoints=len(self.datastore))
             self.director.reap_expired()
+            budget = self.processor.budget
+            if budget.released >= TRIM_AFTER_RELEASED_BYTES:
+                budget.released = 0
+                memory.trim()  # large bodies were given back: return the pages they used to the OS
             await asyncio.sleep(0.2 if not serving else 1.0)
 
 

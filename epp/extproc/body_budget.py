@@ -11,13 +11,14 @@ from __future__ import annotations
 class BodyBudget:
     """Bytes held across streams. Single-threaded (the asyncio loop); 0 disables the bound."""
 
-    __slots__ = ("limit", "held", "peak", "refused")
+    __slots__ = ("limit", "held", "peak", "refused", "released")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.peak = 0
         self.refused = 0
+        self.released = 0  # bytes given back since the owner last looked (memory trimming)
 
     def reserve(self, n: int) -> bool:
         if self.limit and self.held + n > self.limit:
@@ -30,3 +31,4 @@ class BodyBudget:
 
     def release(self, n: int) -> None:
         self.held -= n
+        self.released += n

@@ -122,7 +122,7 @@ class StreamHandler:
         self.request_mode = _FULL_DUPLEX
         self.response_mode = _FULL_DUPLEX
         self.deferred = True  # headers reply waits for the body (full duplex)
-        self.body: list[bytes] = []
+        self.body = bytearray()  # one growing buffer: no per-chunk objects, mapped whole when large
         self.body_len = 0
         self.held = 0  # bytes reserved from the shared body budget
         self.rejected = False  # an ImmediateResponse was sent; the stream ends
@@ -238,7 +238,7 @@ class StreamHandler:
                 )
                 return self._reject(err)
             self.held += n
-            self.body.append(chunk)
+            self.body += chunk
         if not b.end_of_stream:
             if self.request_mode == _STREAMED and not self.deferred:
                 return [msg.body_response(request=True, clear_body=True)]  # withheld; re-sent whole at the end
@@ -253,8 +253,8 @@ class StreamHandler:
         return out
 
     def _body_complete(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        raw = b"".join(self.body)
-        self.body.clear()
+        raw = bytes(self.body)
+        self.body = bytearray()
         self.phase = ROUTED
         try:
             return self._schedule(raw, end_of_stream)
@@ -262,7 +262,8 @@ class StreamHandler:
             self._drop_body()
 
     def _drop_body(self) -> None:
-        self.body.clear()
+        if self.body:
+            self.body = bytearray()
         if self.held:
             self.budget.release(self.held)
             self.held = 0

@@ -1,23 +1,22 @@
 """Prometheus metrics under llm-d's `llm_d_epp_*` names and GIE's deprecated twins, one registry per server.
 
 Every value is stored once and exposed under both names at scrape time, so the twin costs nothing
-on the request path. Label values a client controls (model names, fairness id) are bounded: the
+on the request path; the text is written directly from plain Python values (see `Text`). Label values a client controls (model names, fairness id) are bounded: the
 first N distinct values of routed requests keep their name, later ones are reported as `other`
 (as llm-d does, with a smaller default so that a flood of invented model names cannot grow
 `/metrics`). Refused requests never admit a new value. Per-request series are created lazily,
-on their first observation. Exposition runs off the event loop (see `epp/server.py`); the
-collectors copy their dicts before walking them, which is atomic under the GIL.
+on their first observation. Exposition runs off the event loop (`metrics_server.py`); the
+renderers copy their dicts before walking them, which is atomic under the GIL.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from functools import lru_cache
 from math import sqrt
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
 _SCHED_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -145,26 +144,68 @@ class RequestSeries:
         return c
 
 
-def _gauge(name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequence[str], float]]) -> GaugeMetricFamily:
-    fam = GaugeMetricFamily(name, doc, labels=list(labels))
-    for lv, v in rows:
-        fam.add_metric(list(lv), v)
-    return fam
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _counter(name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequence[str], float]]) -> CounterMetricFamily:
-    fam = CounterMetricFamily(name, doc, labels=list(labels))
-    for lv, v in rows:
-        fam.add_metric(list(lv), v)
-    return fam
+@lru_cache(maxsize=8192)
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    """`a="x",b="y"` for one label set, sorted by name as prometheus_client writes it, escaped once and cached."""
+    return ",".join(f'{n}="{_escape(v)}"' for n, v in sorted(zip(names, values)))
 
 
-def _histogram(name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequence[str], Hist]]) -> HistogramMetricFamily:
-    fam = HistogramMetricFamily(name, doc, labels=list(labels))
-    for lv, h in rows:
-        buckets, total = h.cumulative()
-        fam.add_metric(list(lv), buckets, total)
-    return fam
+def _num(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+class Text:
+    """Prometheus text format 0.0.4 written directly: prometheus_client validates and escapes every
+    sample again at each scrape (~70 µs a line here), which made a scrape hold the GIL for ~0.4 s."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def family(self, name: str, doc: str, kind: str) -> None:
+        self.parts.append(f"# HELP {name} {doc.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n# TYPE {name} {kind}\n")
+
+    def gauge(self, name: str, doc: str, names: Sequence[str], rows: Iterable[tuple[Sequence[str], float]], kind: str = "gauge") -> None:
+        self.family(name, doc, kind)
+        names = tuple(names)
+        p = self.parts
+        for values, v in rows:
+            ls = _labels(names, tuple(values))
+            p.append(f"{name}{{{ls}}} {_num(v)}\n" if ls else f"{name} {_num(v)}\n")
+
+    def counter(self, name: str, doc: str, names: Sequence[str], rows: Iterable[tuple[Sequence[str], float]]) -> None:
+        self.gauge(name, doc, names, rows, "counter")
+
+    def histogram(self, name: str, doc: str, names: Sequence[str], rows: Iterable[tuple[Sequence[str], "Hist"]]) -> None:
+        self.family(name, doc, "histogram")
+        names = tuple(names)
+        p = self.parts
+        for values, h in rows:
+            ls = _labels(names, tuple(values))
+            sep = "," if ls else ""
+            total = 0
+            for le, n in zip(_le_strings(h.bounds), h.counts):
+                total += n
+                p.append(f'{name}_bucket{{{ls}{sep}le="{le}"}} {total}.0\n')
+            tail = f"{{{ls}}}" if ls else ""
+            p.append(f"{name}_count{tail} {total}.0\n{name}_sum{tail} {_num(h.sum)}\n")
+
+    def bytes(self) -> bytes:
+        return "".join(self.parts).encode()
+
+
+@lru_cache(maxsize=64)
+def _le_strings(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(repr(float(b)) for b in bounds), "+Inf")
 
 
 def _merge(hists: Iterable[Hist]) -> Hist:
@@ -178,40 +219,37 @@ def _merge(hists: Iterable[Hist]) -> Hist:
     return out
 
 
-class _RequestCollector(Collector):
-    """Exposes every RequestSeries under the llm-d names (all labels) and GIE's (model labels only)."""
+class _RequestMetrics:
+    """Writes every RequestSeries under the llm-d names (all labels) and GIE's (model labels only)."""
 
     def __init__(self, m: "EPPMetrics") -> None:
         self.m = m
 
-    def collect(self) -> Iterator[Any]:
+    def render(self, t: Text) -> None:
         series = list(self.m._series.values())
         gie_key = lambda s: s.labels[:2]  # noqa: E731
-        yield _counter("llm_d_epp_request_total", "Requests per model.", _LLMD_MODEL, ((s.labels, s.request_total.value) for s in series))
-        yield _counter("inference_objective_request_total", "[Deprecated: use llm_d_epp_request_total] Requests per model.", _GIE_MODEL,
+        t.counter("llm_d_epp_request_total", "Requests per model.", _LLMD_MODEL, ((s.labels, s.request_total.value) for s in series))
+        t.counter("inference_objective_request_total", "[Deprecated: use llm_d_epp_request_total] Requests per model.", _GIE_MODEL,
                        _sum_by(series, gie_key, lambda s: s.request_total.value))
         errors = [(s, code, c.value) for s in series for code, c in list(s.errors.items())]
-        yield _counter("llm_d_epp_request_error_total", "Requests that failed, by GIE error code.", (*_LLMD_MODEL, "error_code"),
+        t.counter("llm_d_epp_request_error_total", "Requests that failed, by GIE error code.", (*_LLMD_MODEL, "error_code"),
                        (((*s.labels, code), v) for s, code, v in errors))
         gie_err: dict[tuple[str, ...], float] = {}
         for s, code, v in errors:
             k = (*s.labels[:2], code)
             gie_err[k] = gie_err.get(k, 0.0) + v
-        yield _counter("inference_objective_request_error_total", "[Deprecated: use llm_d_epp_request_error_total] Requests that failed, by GIE error code.",
+        t.counter("inference_objective_request_error_total", "[Deprecated: use llm_d_epp_request_error_total] Requests that failed, by GIE error code.",
                        (*_GIE_MODEL, "error_code"), gie_err.items())
-        yield _gauge("llm_d_epp_request_running", "Requests in flight through the EPP.", _LLMD_MODEL, ((s.labels, s.running.value) for s in series))
-        yield _gauge("inference_objective_running_requests", "[Deprecated: use llm_d_epp_request_running] Requests in flight through the EPP.",
+        t.gauge("llm_d_epp_request_running", "Requests in flight through the EPP.", _LLMD_MODEL, ((s.labels, s.running.value) for s in series))
+        t.gauge("inference_objective_running_requests", "[Deprecated: use llm_d_epp_request_running] Requests in flight through the EPP.",
                      ("model_name",), _sum_by(series, lambda s: s.labels[:1], lambda s: s.running.value))
         for slot, (gie, llmd, doc, _) in _REQUEST_HISTOGRAMS.items():
             rows = [(s.labels, s.hists[slot]) for s in series if slot in s.hists]
-            yield _histogram(llmd, doc, _LLMD_MODEL, rows)
+            t.histogram(llmd, doc, _LLMD_MODEL, rows)
             grouped: dict[tuple[str, ...], list[Hist]] = {}
             for labels, h in rows:
                 grouped.setdefault(labels[:2], []).append(h)
-            yield _histogram(gie, f"[Deprecated: use {llmd}] {doc}", _GIE_MODEL, ((k, _merge(v)) for k, v in grouped.items()))
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
+            t.histogram(gie, f"[Deprecated: use {llmd}] {doc}", _GIE_MODEL, ((k, _merge(v)) for k, v in grouped.items()))
 
 
 def _sum_by(series: Sequence[RequestSeries], key, value) -> list[tuple[tuple[str, ...], float]]:
@@ -222,16 +260,14 @@ def _sum_by(series: Sequence[RequestSeries], key, value) -> list[tuple[tuple[str
     return list(out.items())
 
 
-class TwinHistogram(Collector):
+class TwinHistogram:
     """A labelled histogram exposed under an llm-d name and its GIE twin (single-threaded observe)."""
 
-    def __init__(self, names: tuple[str, str], documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
-                 registry: CollectorRegistry) -> None:
+    def __init__(self, names: tuple[str, str], documentation: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
         self.names, self.documentation = names, documentation
         self.labelnames = list(labelnames)
         self.bounds = tuple(buckets)
         self.series: dict[tuple[str, ...], Hist] = {}
-        registry.register(self)
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
         h = self.series.get(labels)
@@ -239,24 +275,21 @@ class TwinHistogram(Collector):
             h = self.series[labels] = Hist(self.bounds)
         h.observe(value)
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
+    def render(self, t: Text) -> None:
         rows = list(self.series.items())
         llmd, gie = self.names
-        yield _histogram(llmd, self.documentation, self.labelnames, rows)
-        yield _histogram(gie, f"[Deprecated: use {llmd}] {self.documentation}", self.labelnames, rows)
-
-    def describe(self) -> Iterator[HistogramMetricFamily]:
-        return iter(())
+        t.histogram(llmd, self.documentation, self.labelnames, rows)
+        t.histogram(gie, f"[Deprecated: use {llmd}] {self.documentation}", self.labelnames, rows)
 
 
-class _PoolCollector(Collector):
+class _PoolMetrics:
     """Pool gauges computed at scrape time from the datastore's endpoints."""
 
     def __init__(self, m: "EPPMetrics") -> None:
         self.m = m
         self.endpoints: Any = lambda: ()
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def render(self, t: Text) -> None:
         eps = list(self.endpoints())
         name = (self.m.pool_name,)
         kv = [e.metrics.kv_cache_usage for e in eps if e.metrics.kv_cache_usage is not None]
@@ -268,68 +301,64 @@ class _PoolCollector(Collector):
             ("llm_d_epp_average_running_requests", "inference_pool_average_running_requests", "Mean running requests over endpoints.", running),
         ):
             mean = sum(values) / len(values) if values else 0.0
-            yield _gauge(llmd, doc, ("name",), [(name, mean)])
-            yield _gauge(gie, f"[Deprecated: use {llmd}] {doc}", ("name",), [(name, mean)])
+            t.gauge(llmd, doc, ("name",), [(name, mean)])
+            t.gauge(gie, f"[Deprecated: use {llmd}] {doc}", ("name",), [(name, mean)])
             std = sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else 0.0
-            yield _gauge(llmd.replace("_average_", "_std_dev_"), doc.replace("Mean", "Standard deviation of"), ("name",), [(name, std)])
-        yield _gauge("llm_d_epp_ready_endpoints", "Endpoints known to the EPP.", ("name",), [(name, len(eps))])
-        yield _gauge("inference_pool_ready_pods", "[Deprecated: use llm_d_epp_ready_endpoints] Endpoints known to the EPP.", ("name",), [(name, len(eps))])
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
+            t.gauge(llmd.replace("_average_", "_std_dev_"), doc.replace("Mean", "Standard deviation of"), ("name",), [(name, std)])
+        t.gauge("llm_d_epp_ready_endpoints", "Endpoints known to the EPP.", ("name",), [(name, len(eps))])
+        t.gauge("inference_pool_ready_pods", "[Deprecated: use llm_d_epp_ready_endpoints] Endpoints known to the EPP.", ("name",), [(name, len(eps))])
 
 
-class _SelectionCollector(Collector):
+class _SelectionMetrics:
     def __init__(self, m: "EPPMetrics") -> None:
         self.m = m
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def render(self, t: Text) -> None:
         rows = [(k, c.value) for k, c in list(self.m._selections.items())]
-        yield _counter("inference_epp_endpoint_selections_total", "Requests routed to each endpoint (primary pick).", ("endpoint", "kv_backend"), rows)
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
+        t.counter("inference_epp_endpoint_selections_total", "Requests routed to each endpoint (primary pick).", ("endpoint", "kv_backend"), rows)
 
 
-class _BudgetCollector(Collector):
+class _BudgetMetrics:
     def __init__(self, budget: Any) -> None:
         self.budget = budget
 
-    def collect(self) -> Iterator[Any]:
+    def render(self, t: Text) -> None:
         b = self.budget
-        yield _gauge("inference_epp_buffered_request_bytes", "Request body bytes held by all ext_proc streams now.", (), [((), b.held)])
-        yield _gauge("inference_epp_buffered_request_bytes_limit", "--max-buffered-body-bytes (0: unbounded).", (), [((), b.limit)])
-        yield _counter("inference_epp_buffered_request_refusals_total", "Requests refused with 429 because the body budget was full.", (), [((), b.refused)])
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
+        t.gauge("inference_epp_buffered_request_bytes", "Request body bytes held by all ext_proc streams now.", (), [((), b.held)])
+        t.gauge("inference_epp_buffered_request_bytes_limit", "--max-buffered-body-bytes (0: unbounded).", (), [((), b.limit)])
+        t.counter("inference_epp_buffered_request_refusals_total", "Requests refused with 429 because the body budget was full.", (), [((), b.refused)])
 
 
 class EPPMetrics:
     def __init__(self, pool_name: str = "", registry: CollectorRegistry | None = None,
                  model_label_limit: int = DEFAULT_MODEL_LABEL_LIMIT, fairness_label_limit: int = DEFAULT_FAIRNESS_LABEL_LIMIT) -> None:
-        self.registry = r = registry or CollectorRegistry()
+        self.registry = registry or CollectorRegistry()  # for metrics other modules add; rendered after ours
         self.pool_name = pool_name
         self.models = BoundedLabel(model_label_limit)
         self.fairness = BoundedLabel(fairness_label_limit)
         self.endpoint_labels = BoundedLabel(ENDPOINT_LABEL_LIMIT)
         self._series: dict[tuple[str, str, str, str], RequestSeries] = {}
         self._selections: dict[tuple[str, str], _Count] = {}
-        r.register(_RequestCollector(self))
-        self.pool = _PoolCollector(self)
-        r.register(self.pool)
-        r.register(_SelectionCollector(self))
+        self.pool = _PoolMetrics(self)
         self.scheduler_e2e = TwinHistogram(
             ("llm_d_epp_scheduler_e2e_duration_seconds", "inference_extension_scheduler_e2e_duration_seconds"),
-            "Time of one scheduling cycle.", (), _SCHED_BUCKETS, r,
+            "Time of one scheduling cycle.", (), _SCHED_BUCKETS,
         )
         self.plugin_duration = TwinHistogram(
             ("llm_d_epp_plugin_duration_seconds", "inference_extension_plugin_duration_seconds"),
-            "Time spent in each plugin call.", ("extension_point", "plugin_type", "plugin_name"), _SCHED_BUCKETS, r,
+            "Time spent in each plugin call.", ("extension_point", "plugin_type", "plugin_name"), _SCHED_BUCKETS,
         )
-        build = {"commit": "", "build_ref": "inference-epp"}
-        Info("llm_d_epp", "Build information.", registry=r).info(build)
-        Info("inference_extension", "[Deprecated: use llm_d_epp_info] Build information.", registry=r).info(build)
+        self._renderers: list[Any] = [_RequestMetrics(self), self.pool, _SelectionMetrics(self), self.scheduler_e2e, self.plugin_duration]
+
+    def render(self) -> bytes:
+        """The whole exposition: this module's metrics written directly, then anything else in `registry`."""
+        t = Text()
+        for r in list(self._renderers):
+            r.render(t)
+        build = (("", "inference-epp"),)
+        t.gauge("llm_d_epp_info", "Build information.", ("commit", "build_ref"), [(b, 1.0) for b in build])
+        t.gauge("inference_extension_info", "[Deprecated: use llm_d_epp_info] Build information.", ("commit", "build_ref"), [(b, 1.0) for b in build])
+        return t.bytes() + generate_latest(self.registry)
 
     def observe_plugin(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
         """Scheduler observer: runs several times per request."""
@@ -371,7 +400,7 @@ class EPPMetrics:
 
     def watch_body_budget(self, budget: Any) -> None:
         """`inference_epp_buffered_request_bytes`: request bytes all streams hold now (and its limit)."""
-        self.registry.register(_BudgetCollector(budget))
+        self._renderers.append(_BudgetMetrics(budget))
 
     def watch_pool(self, endpoints) -> None:
         """Pool gauges read `endpoints()` at each scrape."""

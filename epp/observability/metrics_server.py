@@ -13,7 +13,9 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from epp.observability.logging import get_logger
 
@@ -21,8 +23,8 @@ log = get_logger("epp.metrics")
 
 
 class MetricsEndpoint:
-    def __init__(self, registry: CollectorRegistry, authorizer: Any = None) -> None:
-        self.registry = registry
+    def __init__(self, render: Callable[[], bytes], authorizer: Any = None) -> None:
+        self.render_fn = render
         self.authorizer = authorizer
         self._render: asyncio.Future | None = None
         self.renders = 0
@@ -30,7 +32,7 @@ class MetricsEndpoint:
     async def render(self) -> bytes:
         """The exposition text, produced in a worker thread; scrapes arriving meanwhile share one render."""
         if self._render is None:
-            self._render = asyncio.ensure_future(asyncio.to_thread(generate_latest, self.registry))
+            self._render = asyncio.ensure_future(asyncio.to_thread(self.render_fn))
             self._render.add_done_callback(self._rendered)
         return await asyncio.shield(self._render)
 

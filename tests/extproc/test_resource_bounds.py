@@ -11,7 +11,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import epp.observability.metrics_server as metrics_server
 from tests.conftest import async_wait_until
 from tests.extproc.stream_driver import (
     REQ_HEADERS, full_exchange, no_request_state, request_body, request_headers, run_sequence,
@@ -95,13 +94,13 @@ async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
 
 async def test_metrics_exposition_does_not_block_the_event_loop(epp, monkeypatch):
     """A slow render (a huge registry) runs in a worker thread: health and ext_proc keep answering."""
-    real = metrics_server.generate_latest
+    real = epp.metrics_endpoint.render_fn
 
-    def slow(registry):
+    def slow():
         time.sleep(1.5)  # sleeps without the GIL, like a render that takes long
-        return real(registry)
+        return real()
 
-    monkeypatch.setattr(metrics_server, "generate_latest", slow)
+    monkeypatch.setattr(epp.metrics_endpoint, "render_fn", slow)
     scrapes = [asyncio.create_task(scrape(epp)) for _ in range(3)]
     await asyncio.sleep(0.2)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.ports['health']}") as ch:
