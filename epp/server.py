@@ -32,7 +32,7 @@ from epp.scheduling.registry import PluginContext
 from epp.util import memory
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-TRIM_AFTER_RELEASED_BYTES = 32 * 1024 * 1024
+TRIM_AFTER_CHURN_BYTES = 16 * 1024 * 1024
 log = get_logger("epp.server")
 
 
@@ -191,19 +191,22 @@ class EPPServer:
             path = default_admin_socket(self.ports["grpc"])
         if not path:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a socket left by a process that died
-        self._admin_grpc = grpc.aio.server()
-        add_admin(self.admin, self._admin_grpc)
+        server = grpc.aio.server()
+        add_admin(self.admin, server)
         old_umask = os.umask(0o177)  # the socket file is created 0600
         try:
-            bound = self._admin_grpc.add_insecure_port(f"unix:{path}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a socket left by a process that died
+            server.add_insecure_port(f"unix:{path}")
+        except (OSError, RuntimeError) as e:
+            # Introspection is optional: serving traffic matters more than the admin socket.
+            log.error("Admin API not served: cannot create its socket; give a writable path with --admin-socket",
+                      path=path, error=str(e))
+            return
         finally:
             os.umask(old_umask)
-        if not bound:
-            raise OSError(f"cannot create the admin socket {path}; choose another with --admin-socket")
-        await self._admin_grpc.start()
-        self.admin_socket = path
+        await server.start()
+        self._admin_grpc, self.admin_socket = server, path
 
     async def _metrics_authorizer(self):
         o = self.options
@@ -273,9 +276,11 @@ class EPPServer:
                 log.info("Health", serving=serving, endpoints=len(self.datastore))
             self.director.reap_expired()
             budget = self.processor.budget
-            if budget.released >= TRIM_AFTER_RELEASED_BYTES:
-                budget.released = 0
-                memory.trim()  # large bodies were given back: return the pages they used to the OS
+            if budget.churn >= TRIM_AFTER_CHURN_BYTES:
+                # Large bodies came and went: gRPC's receive buffers and the bodies' pages are free but
+                # still mapped. Give them back (in a thread: malloc_trim runs without the GIL).
+                budget.churn = 0
+                await asyncio.to_thread(memory.trim)
             await asyncio.sleep(0.2 if not serving else 1.0)
 
 

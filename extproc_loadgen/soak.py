@@ -270,6 +270,8 @@ async def _hold(epp: EPPProcess, streams: int, body_bytes: int, extra: int) -> d
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(1)
+        arrived_snap = await asyncio.to_thread(epp.snapshot, "arrived")  # gRPC's receive buffers may still be mapped
+        await asyncio.sleep(3)  # steady state: the EPP trims freed pages within a housekeeping tick or two
         held_snap = await asyncio.to_thread(epp.snapshot, "held")
         refused, statuses = 0, []
         extra_calls = []
@@ -298,7 +300,7 @@ async def _hold(epp: EPPProcess, streams: int, body_bytes: int, extra: int) -> d
             call.cancel()
     await asyncio.sleep(2)
     released_snap = epp.snapshot("release")
-    return {"held": held_snap, "refused": refused_snap, "released": released_snap, "extra_statuses": statuses, "extra_refused_429": refused,
+    return {"arrived": arrived_snap, "held": held_snap, "refused": refused_snap, "released": released_snap, "extra_statuses": statuses, "extra_refused_429": refused,
             "bytes_held": want}
 
 

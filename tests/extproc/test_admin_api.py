@@ -63,3 +63,12 @@ async def test_admin_socket_is_removed_on_stop_and_can_be_disabled(make_epp):
     assert not os.path.exists(path)
     off = await make_epp(admin_socket="")
     assert off.admin_socket == "" and off._admin_grpc is None
+
+
+async def test_an_unusable_admin_socket_does_not_stop_serving(make_epp, tmp_path):
+    from tests.extproc.stream_driver import full_exchange, run_sequence
+
+    epp = await make_epp(admin_socket=str(tmp_path / "missing-dir" / "admin.sock"))
+    assert epp.admin_socket == "" and epp._admin_grpc is None
+    out = await run_sequence(epp.stub, full_exchange())
+    assert out.code == grpc.StatusCode.OK and out.kinds()[-1] == "response_body"
