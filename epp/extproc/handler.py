@@ -17,6 +17,7 @@ the stream cleanly after releasing everything the request holds; Envoy never sen
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -60,6 +61,7 @@ _STREAMED = ProcessingMode.STREAMED
 
 # Stream phases.
 IDLE, REQUEST_BODY, ROUTED, RESPONSE, DONE = "idle", "request_body", "routed", "response", "done"
+_JSON_USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 
 def _status_code(value: str) -> int:
@@ -105,7 +107,7 @@ class StreamHandler:
     __slots__ = (
         "director", "max_body", "budget", "trust_rewrite", "headers", "path", "request_id", "generated_id", "subset",
         "request_mode", "response_mode", "deferred", "body", "body_len", "held", "rejected", "closed", "phase", "flight",
-        "response_streaming", "response_buffer", "sse_tail", "model_from", "model_to", "done",
+        "response_streaming", "response_buffer", "response_held", "sse_tail", "model_from", "model_to", "done",
     )
 
     def __init__(self, director: Director, max_body: int, budget: BodyBudget | None = None,
@@ -131,6 +133,7 @@ class StreamHandler:
         self.flight: InFlight | None = None
         self.response_streaming = False
         self.response_buffer: list[bytes] = []
+        self.response_held = 0
         self.sse_tail = b""
         self.model_from: bytes | None = None
         self.model_to: bytes | None = None
@@ -170,8 +173,10 @@ class StreamHandler:
                 return self._response_headers(req.response_headers)
             if kind == "response_body":
                 return self._response_body(req.response_body)
+            out = self._release_held(end_of_stream=False)  # trailers end a body sent without end_of_stream
             self.finish("success" if self.flight is None or 0 < self.flight.status < 400 or self.flight.status == 0 else "error")
-            return [msg.trailers_response(request=False)]
+            out.append(msg.trailers_response(request=False))
+            return out
         return self._violation(kind or "empty")
 
     def _violation(self, kind: str) -> list[pb.ProcessingResponse]:
@@ -240,6 +245,8 @@ class StreamHandler:
             self.held += n
             self.body += chunk
         if not b.end_of_stream:
+            if self.request_mode == _BUFFERED:
+                return self._body_complete(end_of_stream=False)  # the whole body, trailers follow
             if self.request_mode == _STREAMED and not self.deferred:
                 return [msg.body_response(request=True, clear_body=True)]  # withheld; re-sent whole at the end
             return []
@@ -247,6 +254,13 @@ class StreamHandler:
 
     def _request_trailers(self) -> list[pb.ProcessingResponse]:
         """Trailers end a body sent without end_of_stream: route it, then answer the trailers."""
+        if self.request_mode == _STREAMED and not self.deferred:
+            # Each chunk was withheld to re-send the whole body with the route on the last body reply,
+            # and a TrailersResponse cannot carry a body: this request cannot be routed correctly.
+            self.director.log.warning("Request trailers after a STREAMED body", request_id=self.request_id)
+            return self._reject(SchedulingError(
+                "Internal", "a STREAMED request body that ends with trailers cannot be routed; "
+                            "set the ext_proc request_body_mode to FULL_DUPLEX_STREAMED or BUFFERED"), log=False)
         out = self._body_complete(end_of_stream=False)
         if not self.rejected:
             out.append(msg.trailers_response(request=True))
@@ -345,38 +359,52 @@ class StreamHandler:
         if flight is not None:
             flight.response_bytes += len(chunk)
         eos = b.end_of_stream
+        if not self.response_streaming and (self.response_mode == _STREAMED
+                                            or self.response_held + len(chunk) > self.max_body):
+            # STREAMED answers chunk by chunk (a withheld body could not follow trailers), and a JSON
+            # body too large to hold is not held: both pass through from here, usage read from the tail.
+            out = self._release_held(end_of_stream=False)
+            self.response_streaming = True
+        else:
+            out = []
         if self.response_streaming:
-            self._scan_sse(chunk, eos)
+            self._scan_usage(chunk, eos)
             if self.model_from:
                 chunk = chunk.replace(self.model_from, self.model_to)  # type: ignore[arg-type]
-            out = self._emit_response_chunk(chunk, eos, rewritten=self.model_from is not None)
+            out.extend(self._emit_response_chunk(chunk, eos, rewritten=self.model_from is not None))
         else:
             self.response_buffer.append(chunk)
-            if not eos:
-                if self.response_mode == _FULL_DUPLEX:
-                    return []
-                return [msg.body_response(request=False, clear_body=self.response_mode == _STREAMED)]
-            whole = b"".join(self.response_buffer)
-            self.response_buffer.clear()
-            self._usage_from_json(whole)
-            if self.model_from:
-                whole = _restore_model(whole, self.model_from, self.model_to)  # type: ignore[arg-type]
-            if self.response_mode == _FULL_DUPLEX:
-                out = list(msg.streamed_chunks(whole, request=False))
-            else:
-                out = [msg.body_response(request=False, body=whole if (self.model_from or self.response_mode == _STREAMED) else None)]
+            self.response_held += len(chunk)
+            if not eos and self.response_mode != _BUFFERED:  # BUFFERED sends the whole body in one message
+                return []
+            out = self._release_held(end_of_stream=eos)
         if eos:
             ok = flight is None or 0 < flight.status < 400 or flight.status == 0
             self.finish("success" if ok else "error")
         return out
+
+    def _release_held(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        """The held JSON response body, usage read and the client's model name restored, as replies."""
+        if not self.response_buffer and not (end_of_stream and self.response_mode == _FULL_DUPLEX):
+            return []
+        whole = b"".join(self.response_buffer)
+        self.response_buffer.clear()
+        self.response_held = 0
+        self._usage_from_json(whole)
+        if self.model_from:
+            whole = _restore_model(whole, self.model_from, self.model_to)  # type: ignore[arg-type]
+        if self.response_mode == _FULL_DUPLEX:
+            return list(msg.streamed_chunks(whole, request=False, end_of_stream=end_of_stream))
+        return [msg.body_response(request=False, body=whole if self.model_from else None)]
 
     def _emit_response_chunk(self, chunk: bytes, eos: bool, rewritten: bool) -> list[pb.ProcessingResponse]:
         if self.response_mode == _FULL_DUPLEX:
             return list(msg.streamed_chunks(chunk, request=False, end_of_stream=eos))
         return [msg.body_response(request=False, body=chunk if rewritten else None)]
 
-    def _scan_sse(self, chunk: bytes, eos: bool) -> None:
-        """Usage from the SSE `data:` line that carries it (vLLM sends it in the last data event)."""
+    def _scan_usage(self, chunk: bytes, eos: bool) -> None:
+        """Usage from a body passed through: the SSE `data:` line that carries it (vLLM sends it in the
+        last event), or the `"usage": {…}` object near the end of a JSON body."""
         if self.flight is None:
             return
         data = self.sse_tail + chunk
@@ -391,6 +419,13 @@ class StreamHandler:
                     self._take_usage(orjson.loads(line[5:].strip()))
                 except orjson.JSONDecodeError:
                     continue
+        if not data.lstrip().startswith(b"data:"):
+            m = _JSON_USAGE.search(data[-65536:])
+            if m is not None:
+                try:
+                    self._take_usage({"usage": orjson.loads(m.group(1))})
+                except orjson.JSONDecodeError:
+                    pass
 
     def _usage_from_json(self, body: bytes) -> None:
         if self.flight is None or b"usage" not in body:
@@ -421,6 +456,7 @@ class StreamHandler:
         """
         self._drop_body()
         self.response_buffer.clear()
+        self.response_held = 0
         self.sse_tail = b""
         if self.flight is not None:
             self.director.complete(self.flight, outcome)

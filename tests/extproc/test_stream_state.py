@@ -13,7 +13,7 @@ from tests.extproc.stream_driver import (
 
 
 # -- 3. a body followed by request trailers is answered --------------------------------------------
-@pytest.mark.parametrize("mode", [None, "BUFFERED", "STREAMED"])
+@pytest.mark.parametrize("mode", [None, "BUFFERED"])
 async def test_body_ended_by_request_trailers_is_routed_and_trailers_answered(epp, mode):
     seq = [request_headers(mode=mode), request_body(CHAT, eos=False), request_trailers()]
     out = await run_sequence(epp.stub, seq, half_close=False, timeout=3)
@@ -26,6 +26,39 @@ async def test_body_ended_by_request_trailers_is_routed_and_trailers_answered(ep
         chunks = [r.request_body.response.body_mutation.streamed_response for r in out.replies if r.HasField("request_body")]
         assert b"".join(c.body for c in chunks) == CHAT and not chunks[-1].end_of_stream
     assert out.code == grpc.StatusCode.CANCELLED or out.code == grpc.StatusCode.OK
+
+
+async def test_streamed_body_ending_in_trailers_is_refused_clearly(epp):
+    """STREAMED withholds chunks to re-send the body with the route; a TrailersResponse cannot carry it."""
+    out = await run_sequence(epp.stub, [request_headers(mode="STREAMED"), request_body(CHAT, eos=False), request_trailers()])
+    assert out.immediate is not None and out.immediate.status.code == 500
+    assert "FULL_DUPLEX_STREAMED or BUFFERED" in out.immediate.body.decode()
+    assert await async_wait_until(lambda: no_request_state(epp), timeout=3)
+
+
+async def test_response_body_ended_by_trailers_is_sent_on(epp):
+    """A JSON response held for usage must be re-emitted when trailers, not end_of_stream, end it."""
+    resp = b'{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":2}}'
+    seq = [request_headers(), request_body(), response_headers(), response_body(resp, eos=False), response_trailers()]
+    out = await run_sequence(epp.stub, seq)
+    assert out.code == grpc.StatusCode.OK
+    chunks = [r.response_body.response.body_mutation.streamed_response for r in out.replies if r.HasField("response_body")]
+    assert b"".join(c.body for c in chunks) == resp and not chunks[-1].end_of_stream
+    assert out.kinds()[-1] == "response_trailers"
+    assert await async_wait_until(lambda: no_request_state(epp), timeout=3)
+
+
+async def test_a_response_too_large_to_hold_passes_through(make_epp):
+    epp = await make_epp(max_request_body_bytes=100_000)
+    big = [b'{"data":"' + b"z" * 60_000, b"z" * 60_000, b'","usage":{"prompt_tokens":7,"completion_tokens":5,"details":{"cached":0}}}']
+    seq = [request_headers(), request_body(), response_headers(),
+           *[response_body(c, eos=i == len(big) - 1) for i, c in enumerate(big)]]
+    out = await run_sequence(epp.stub, seq)
+    assert out.code == grpc.StatusCode.OK
+    chunks = [r.response_body.response.body_mutation.streamed_response for r in out.replies if r.HasField("response_body")]
+    assert b"".join(c.body for c in chunks) == b"".join(big) and chunks[-1].end_of_stream
+    text = (await __import__("tests.extproc.test_resource_bounds", fromlist=["scrape"]).scrape(epp))
+    assert "llm_d_epp_request_output_tokens_sum{" in text and "} 5.0" in text.split("llm_d_epp_request_output_tokens_sum{", 1)[1]
 
 
 async def test_trailers_after_a_complete_body_are_answered(epp):
