@@ -16,7 +16,6 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 
 from epp.admin.service import AdminService
 from epp.admin.service import add_to_server as add_admin
@@ -25,6 +24,7 @@ from epp.datastore import Datastore
 from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
+from epp.health_server import MirroredHealth, ThreadedHealthServer
 from epp.observability.logging import get_logger
 from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
@@ -85,9 +85,9 @@ class EPPServer:
         self.processor = ExternalProcessor(self.director, o.max_request_body_bytes, o.max_buffered_body_bytes,
                                            o.trust_model_rewrite_header)
         self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
-        self.health = health_aio.HealthServicer()
+        self.health = MirroredHealth()
         self._grpc: grpc.aio.Server | None = None
-        self._health_grpc: grpc.aio.Server | None = None
+        self._health_grpc: ThreadedHealthServer | None = None
         self._admin_grpc: grpc.aio.Server | None = None
         self.admin_socket = ""
         self._metrics_runner: web.AppRunner | None = None
@@ -107,8 +107,7 @@ class EPPServer:
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.ports["grpc"] = self._bind(self._grpc, o.grpc_port, creds)
-        self._health_grpc = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self._health_grpc = ThreadedHealthServer(self.health)  # probes are answered even when the loop is busy
         self.ports["health"] = self._bind(self._health_grpc, o.grpc_health_port, None)
         self.metrics_authorizer = await self._metrics_authorizer()
         await self._set_health(False)
@@ -162,7 +161,7 @@ class EPPServer:
         await self._grpc.wait_for_termination()
 
     # -- parts ----------------------------------------------------------------------------------
-    def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
+    def _bind(self, server: Any, port: int, creds: grpc.ServerCredentials | None) -> int:
         addr = f"{self.options.bind_address}:{port}"
         bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
         if not bound:

@@ -116,6 +116,31 @@ async def test_metrics_exposition_does_not_block_the_event_loop(epp, monkeypatch
     assert epp.metrics_endpoint.renders == 1  # concurrent scrapes share one render
 
 
+async def test_health_port_answers_while_the_event_loop_is_busy(epp, monkeypatch):
+    """Kubelet's probes go to the health port, served from its own threads: a loop stalled in Python
+    work (a huge body, a slow plugin) does not make the pod look dead."""
+    real = epp.scheduler.schedule
+
+    def stalls_the_loop(*a, **k):
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(epp.scheduler, "schedule", stalls_the_loop)
+
+    def probe() -> float:
+        time.sleep(0.3)  # by now the loop is inside the scheduler
+        with grpc.insecure_channel(f"127.0.0.1:{epp.ports['health']}") as ch:
+            t0 = time.perf_counter()
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=0.6)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+            return time.perf_counter() - t0
+
+    probing = asyncio.ensure_future(asyncio.to_thread(probe))
+    out = await run_sequence(epp.stub, [request_headers(), request_body()])
+    assert out.code == grpc.StatusCode.OK
+    assert await probing < 0.5
+
+
 # -- 2. an aggregate budget for buffered bodies -----------------------------------------------------------
 async def test_held_bodies_are_bounded_by_the_budget(make_epp):
     mib = 1 << 20
