@@ -123,7 +123,11 @@ def _probe(ports: dict, interval: float, stop, out) -> None:
                 samples.append((name, time.time(), time.perf_counter() - t0))
             except grpc.RpcError:
                 samples.append((name, time.time(), float("inf")))
+        t0 = time.perf_counter()
         time.sleep(interval)
+        # Control: how late this process itself wakes up. On a loaded machine that lateness is the
+        # floor under any latency measured here, whatever the EPP does.
+        samples.append(("oversleep", time.time(), time.perf_counter() - t0 - interval))
     out.put(samples)
 
 
@@ -235,14 +239,18 @@ def run_names(workdir: Path, requests: int, concurrency: int) -> dict:
             "middle_to_end": health_stats(samples, name, marks["middle"], t_end),
             "whole_run": health_stats(samples, name, t_start, t_end),
         }
+    health["prober_oversleep_control"] = health_stats(samples, "oversleep", t_start, t_end)
     result = {"start": start, "middle": run.pop("middle"), "end": end, "run": run, "health": health,
               "rss_growth_mb": round(end["rss_mb"] - start["rss_mb"], 1)}
     whole = health["health_port"]["whole_run"]
     print(f"  {run['requests']:,} requests in {run['elapsed_s']} s ({run['req_per_s']} req/s, {run['errors']} errors); "
           f"RSS growth {result['rss_growth_mb']} MB; /metrics {end['metrics_bytes'] / 1024:.0f} KB", flush=True)
-    for port_name, h in health.items():
-        w = h["whole_run"]
+    for port_name in ("health_port", "ext_proc_port"):
+        w = health[port_name]["whole_run"]
         print(f"  health on the {port_name.replace('_', ' ')}: {w['checks']} checks, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms, max {w['max_ms']} ms")
+    c = health["prober_oversleep_control"]
+    print(f"  control: the prober itself woke late by p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, max {c['max_ms']} ms "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     result["bars"] = {"rss_growth_below_20_mb": result["rss_growth_mb"] < 20, "metrics_below_1_mb": end["metrics_bytes"] < MIB,
                       "health_p99_below_50_ms": whole["p99_ms"] < 50}
     return result
