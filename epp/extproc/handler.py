@@ -257,7 +257,7 @@ class StreamHandler:
         if self.request_mode == _STREAMED and not self.deferred:
             # Each chunk was withheld to re-send the whole body with the route on the last body reply,
             # and a TrailersResponse cannot carry a body: this request cannot be routed correctly.
-            self.director.log.warning("Request trailers after a STREAMED body", request_id=self.request_id)
+            log.warning("Request trailers after a STREAMED body", request_id=self.request_id)
             return self._reject(SchedulingError(
                 "Internal", "a STREAMED request body that ends with trailers cannot be routed; "
                             "set the ext_proc request_body_mode to FULL_DUPLEX_STREAMED or BUFFERED"), log=False)

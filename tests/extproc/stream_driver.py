@@ -37,8 +37,11 @@ class Outcome:
 
 
 async def run_sequence(stub, messages: list[pb.ProcessingRequest], timeout: float = 5.0,
-                       half_close: bool = True) -> Outcome:
-    """Write every message, half-close (as Envoy does at the end of an exchange), read to the end."""
+                       half_close: bool = True, until: str | None = None) -> Outcome:
+    """Write every message, half-close (as Envoy does at the end of an exchange), read to the end.
+
+    `until`: stop at the first reply of that kind and hang up (Envoy going on with the response).
+    """
     call = stub.Process()
     out = Outcome()
 
@@ -60,6 +63,9 @@ async def run_sequence(stub, messages: list[pb.ProcessingRequest], timeout: floa
                 if r is grpc.aio.EOF:
                     break
                 out.replies.append(r)
+                if until is not None and r.WhichOneof("response") == until:
+                    call.cancel()
+                    break
     except grpc.aio.AioRpcError:
         pass
     except TimeoutError:
