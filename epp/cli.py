@@ -95,14 +95,18 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _auto_or_bool(value: str):
+    return "auto" if value.strip().lower() == "auto" else go_bool(value)
+
+
 def _add_access_and_limit_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("access and limits")
-    g.add_argument("--metrics-endpoint-auth", type=go_bool, nargs="?", const=True, default=None,
+    g.add_argument("--metrics-endpoint-auth", type=_auto_or_bool, nargs="?", const=True, default="auto",
                    help="require a Kubernetes bearer token allowed to `get /metrics` (TokenReview + SubjectAccessReview), "
-                        "as the Go EPP does; default: on with --pool-name, off with --endpoints-file")
-    g.add_argument("--admin-socket", default=None,
+                        "as the Go EPP does; auto = on with --pool-name, off with --endpoints-file")
+    g.add_argument("--admin-socket", default="auto",
                    help="Unix socket of the EndpointPickerAdmin API (`epp endpoints`), readable by this user only; "
-                        "default: $TMPDIR/epp-admin-<grpc-port>.sock; empty string: not served")
+                        "auto = $TMPDIR/epp-admin-<grpc-port>.sock; empty string: not served")
     g.add_argument("--max-buffered-body-bytes", type=int, default=256 * 1024 * 1024,
                    help="request bytes all streams may hold at once; beyond it requests get 429 (0 = unbounded)")
     g.add_argument("--trust-model-rewrite-header", type=go_bool, nargs="?", const=True, default=False,
@@ -116,8 +120,8 @@ def _add_access_and_limit_flags(p: argparse.ArgumentParser) -> None:
 
 def _access_and_limit_options(args: argparse.Namespace) -> dict:
     return dict(
-        metrics_endpoint_auth=args.metrics_endpoint_auth,
-        admin_socket=args.admin_socket,
+        metrics_endpoint_auth=None if args.metrics_endpoint_auth == "auto" else args.metrics_endpoint_auth,
+        admin_socket=None if args.admin_socket == "auto" else args.admin_socket,
         max_buffered_body_bytes=args.max_buffered_body_bytes,
         trust_model_rewrite_header=args.trust_model_rewrite_header,
         model_name_metric_label_limit=args.model_name_metric_label_limit,
