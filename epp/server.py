@@ -25,7 +25,7 @@ from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
 from epp.health_server import MirroredHealth, ThreadedHealthServer
-from epp.observability.logging import get_logger
+from epp.observability.logging import forward_stdlib_logger, get_logger
 from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
 from epp.scheduling.registry import PluginContext
@@ -101,6 +101,7 @@ class EPPServer:
     async def start(self) -> None:
         o = self.options
         memory.tune_allocator()
+        forward_stdlib_logger("grpc")  # errors gRPC itself logs (a servicer exception) reach the JSON log
         creds = self._credentials() if o.secure_serving else None
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.http2.max_pings_without_data", 0)]
         self._grpc = grpc.aio.server(options=opts)
