@@ -69,14 +69,6 @@ class Hist:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
-        out, total = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            total += n
-            out.append((repr(float(bound)), total))
-        out.append(("+Inf", total + self.counts[-1]))
-        return out, self.sum
-
 
 class _Count:
     __slots__ = ("value",)
@@ -375,14 +367,6 @@ class EPPMetrics:
             fairness = next((headers[h] for h in FAIRNESS_HEADERS if headers.get(h)), DEFAULT_FLOW)
             priority = str(getattr(request, "priority", 0) or 0)
         labels = (self.models.bound(model, admit), self.models.bound(target, admit), self.fairness.bound(fairness, admit), priority)
-        s = self._series.get(labels)
-        if s is None:
-            s = self._series[labels] = RequestSeries(labels)
-        return s
-
-    def model(self, model: str, target: str) -> RequestSeries:
-        """The series of a (model, target) pair without a request at hand (no new label values)."""
-        labels = (self.models.bound(model, False), self.models.bound(target, False), DEFAULT_FLOW, "0")
         s = self._series.get(labels)
         if s is None:
             s = self._series[labels] = RequestSeries(labels)
