@@ -205,14 +205,14 @@ async def _drive_names(epp: EPPProcess, requests: int, concurrency: int, on_half
             "middle": mid, "scrape_p50_ms": round(pct(scrapes, 50) * 1000, 1), "scrape_max_ms": round(max(scrapes, default=0) * 1000, 1)}
 
 
-def run_names(workdir: Path, requests: int, concurrency: int) -> dict:
+def run_names(workdir: Path, requests: int, concurrency: int, warmup: int = 200) -> dict:
     print(f"names: {requests:,} requests, each with a new model name, {concurrency} at a time", flush=True)
     epp = EPPProcess(workdir, "names", [])
     ctx = multiprocessing.get_context("fork")
     stop, out = ctx.Event(), ctx.Queue()
     prober = ctx.Process(target=_probe, args=(epp.ports, 0.02, stop, out), daemon=True)
     try:
-        asyncio.run(_drive_names(epp, 200, 8, lambda: None))  # warm-up: allocator, caches (200 names)
+        asyncio.run(_drive_names(epp, warmup, 8, lambda: None))  # warm-up: allocator, caches, the first names
         time.sleep(1)
         start = epp.snapshot("start")
         prober.start()
@@ -312,12 +312,12 @@ async def _hold(epp: EPPProcess, streams: int, body_bytes: int, extra: int) -> d
             "bytes_held": want}
 
 
-def run_held(workdir: Path, streams: int, body_bytes: int, extra: int) -> dict:
+def run_held(workdir: Path, streams: int, body_bytes: int, extra: int, warmup: int = 200) -> dict:
     budget = streams * body_bytes
     print(f"held: {streams} streams × {body_bytes / MIB:g} MiB held open, budget {budget / MIB:g} MiB, then {extra} more", flush=True)
     epp = EPPProcess(workdir, "held", ["--max-buffered-body-bytes", str(budget), "--max-request-body-bytes", str(max(body_bytes * 2, 16 * MIB))])
     try:
-        asyncio.run(_drive_names(epp, 200, 8, lambda: None))  # warm-up
+        asyncio.run(_drive_names(epp, warmup, 8, lambda: None))  # warm-up
         time.sleep(1)
         start = epp.snapshot("start")
         out = asyncio.run(_hold(epp, streams, body_bytes, extra))
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=64, help="held: streams holding a body open (default: %(default)s)")
     p.add_argument("--body-bytes", type=int, default=MIB, help="held: bytes each of them holds (default: %(default)s)")
     p.add_argument("--extra", type=int, default=16, help="held: streams tried once the budget is full (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=200, help="requests before the start snapshot (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="where the EPP logs go (default: a temporary directory)")
     p.add_argument("--output", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
@@ -352,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}}
     for scenario in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
         if scenario == "names":
-            results["names"] = run_names(workdir, args.requests, args.concurrency)
+            results["names"] = run_names(workdir, args.requests, args.concurrency, args.warmup)
         elif scenario == "held":
-            results["held"] = run_held(workdir, args.streams, args.body_bytes, args.extra)
+            results["held"] = run_held(workdir, args.streams, args.body_bytes, args.extra, args.warmup)
         else:
             p.error(f"unknown scenario {scenario!r}; use names and/or held")
     results["machine"]["loadavg_at_end"] = os.getloadavg()

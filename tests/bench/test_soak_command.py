@@ -8,7 +8,7 @@ import sys
 def test_soak_command_reports_bounded_memory_and_refusals(tmp_path):
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, "-m", "extproc_loadgen.soak", "--requests", "300", "--concurrency", "4",
-                        "--streams", "4", "--body-bytes", str(256 * 1024), "--extra", "2",
+                        "--streams", "4", "--body-bytes", str(256 * 1024), "--extra", "2", "--warmup", "20",
                         "--workdir", str(tmp_path / "work"), "--output", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
