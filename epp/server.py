@@ -131,6 +131,8 @@ class EPPServer:
             config=self.loaded.source,
             profile=self.loaded.profile,
             secure_serving=o.secure_serving,
+            metrics_auth=self.metrics_authorizer is not None,
+            admin_socket=self.admin_socket or None,
             scheduler=self.scheduler.describe(),
         )
 
