@@ -74,6 +74,7 @@ class Director:
             series = m.series_for(request)  # a refused request never adds a label value
             series.request_total.inc()
             series.request_sizes.observe(request.body_size)
+            m.scheduler_attempt(request, None)
             self.fail(request, e)
             raise
         m.scheduler_e2e.observe((), time.perf_counter() - t0)
@@ -86,6 +87,7 @@ class Director:
         series.running.inc()
         primary = result.targets[0]
         m.selection(primary.hostport, primary.kv_backend or "none").inc()
+        m.scheduler_attempt(request, primary)
         self.log.info(DECISION_MSG, **decision_fields(request, result, self.config_profile))
         return flight
 

@@ -308,6 +308,11 @@ class _SelectionMetrics:
     def render(self, t: Text) -> None:
         rows = [(k, c.value) for k, c in list(self.m._selections.items())]
         t.counter("inference_epp_endpoint_selections_total", "Requests routed to each endpoint (primary pick).", ("endpoint", "kv_backend"), rows)
+        attempts = [(k, c.value) for k, c in list(self.m._attempts.items())]
+        names = ("status", "target_model_name", "endpoint_name", "namespace", "port")
+        doc = "Scheduling attempts: success with the primary endpoint, failure without."
+        t.counter("llm_d_epp_scheduler_attempts_total", doc, names, attempts)
+        t.counter("inference_extension_scheduler_attempts_total", f"[Deprecated: use llm_d_epp_scheduler_attempts_total] {doc}", names, attempts)
 
 
 class _BudgetMetrics:
@@ -331,6 +336,7 @@ class EPPMetrics:
         self.endpoint_labels = BoundedLabel(ENDPOINT_LABEL_LIMIT)
         self._series: dict[tuple[str, str, str, str], RequestSeries] = {}
         self._selections: dict[tuple[str, str], _Count] = {}
+        self._attempts: dict[tuple[str, ...], _Count] = {}
         self.pool = _PoolMetrics(self)
         self.scheduler_e2e = TwinHistogram(
             ("llm_d_epp_scheduler_e2e_duration_seconds", "inference_extension_scheduler_e2e_duration_seconds"),
@@ -374,6 +380,18 @@ class EPPMetrics:
 
     def request_series(self) -> list[RequestSeries]:
         return list(self._series.values())
+
+    def scheduler_attempt(self, request: Any, primary: Any) -> None:
+        """llm-d's scheduler_attempts_total: success with the primary endpoint, or failure with empty endpoint labels."""
+        target = self.models.bound(request.target_model, False)
+        if primary is None:
+            key = ("failure", target, "", "", "")
+        else:
+            key = ("success", target, self.endpoint_labels.bound(primary.name), primary.namespace, str(primary.port))
+        c = self._attempts.get(key)
+        if c is None:
+            c = self._attempts[key] = _Count()
+        c.inc()
 
     def selection(self, hostport: str, kv_backend: str) -> _Count:
         key = (self.endpoint_labels.bound(hostport), kv_backend)

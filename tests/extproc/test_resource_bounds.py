@@ -83,6 +83,7 @@ async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
         ("llm_d_epp_average_kv_cache_utilization", "inference_pool_average_kv_cache_utilization"),
         ("llm_d_epp_average_queue_size", "inference_pool_average_queue_size"),
         ("llm_d_epp_info", "inference_extension_info"),
+        ("llm_d_epp_scheduler_attempts_total", "inference_extension_scheduler_attempts_total"),
     ]
     for llmd, gie in pairs:
         a = sum(float(v) for v in re.findall(rf"^{llmd}(?:{{.*}})? (\S+)$", text, re.M))
@@ -90,6 +91,8 @@ async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
         assert re.search(rf"^{llmd}", text, re.M) and a == b, (llmd, a, gie, b)
     assert 'llm_d_epp_request_total{fairness_id="default-flow",model_name="m",priority="0",target_model_name="m"} 3.0' in text
     assert "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\"} 3.0" in text
+    assert re.search(r'^llm_d_epp_scheduler_attempts_total{endpoint_name="vllm-(p2p|fs)-proxy",namespace="",port="1808[12]",'
+                     r'status="success",target_model_name="m"} ', text, re.M)
 
 
 async def test_metrics_exposition_does_not_block_the_event_loop(epp, monkeypatch):
