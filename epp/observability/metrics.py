@@ -297,6 +297,10 @@ class _PoolMetrics:
             t.gauge(gie, f"[Deprecated: use {llmd}] {doc}", ("name",), [(name, mean)])
             std = sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else 0.0
             t.gauge(llmd.replace("_average_", "_std_dev_"), doc.replace("Mean", "Standard deviation of"), ("name",), [(name, std)])
+        per = [((self.m.pool_name, e.name), e.metrics.waiting) for e in eps if e.metrics.waiting is not None]
+        t.gauge("llm_d_epp_per_endpoint_queue_size", "Waiting requests on each endpoint (its last scrape).", ("name", "model_server_endpoint"), per)
+        t.gauge("inference_pool_per_pod_queue_size", "[Deprecated: use llm_d_epp_per_endpoint_queue_size] Waiting requests on each endpoint.",
+                ("name", "model_server_pod"), per)
         t.gauge("llm_d_epp_ready_endpoints", "Endpoints known to the EPP.", ("name",), [(name, len(eps))])
         t.gauge("inference_pool_ready_pods", "[Deprecated: use llm_d_epp_ready_endpoints] Endpoints known to the EPP.", ("name",), [(name, len(eps))])
 

@@ -65,6 +65,9 @@ async def test_refused_requests_never_add_label_values(make_epp, tmp_path):
 
 
 async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
+    from epp.datastore import EndpointMetrics
+
+    epp.datastore.set_metrics("vllm-p2p-proxy", EndpointMetrics(waiting=4, running=2, kv_cache_usage=0.5, updated_at=1.0))
     for _ in range(3):
         await run_sequence(epp.stub, full_exchange())
     text = await scrape(epp)
@@ -84,6 +87,8 @@ async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
         ("llm_d_epp_average_queue_size", "inference_pool_average_queue_size"),
         ("llm_d_epp_info", "inference_extension_info"),
         ("llm_d_epp_scheduler_attempts_total", "inference_extension_scheduler_attempts_total"),
+        ("llm_d_epp_per_endpoint_queue_size", "inference_pool_per_pod_queue_size"),
+        ("llm_d_epp_average_running_requests", "inference_pool_average_running_requests"),
     ]
     for llmd, gie in pairs:
         a = sum(float(v) for v in re.findall(rf"^{llmd}(?:{{.*}})? (\S+)$", text, re.M))
@@ -91,6 +96,8 @@ async def test_llm_d_names_and_gie_twins_carry_the_same_values(epp):
         assert re.search(rf"^{llmd}", text, re.M) and a == b, (llmd, a, gie, b)
     assert 'llm_d_epp_request_total{fairness_id="default-flow",model_name="m",priority="0",target_model_name="m"} 3.0' in text
     assert "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\"} 3.0" in text
+    assert 'llm_d_epp_per_endpoint_queue_size{model_server_endpoint="vllm-p2p-proxy",name="local"} 4.0' in text
+    assert 'llm_d_epp_average_kv_cache_utilization{name="local"} 0.5' in text
     assert re.search(r'^llm_d_epp_scheduler_attempts_total{endpoint_name="vllm-(p2p|fs)-proxy",namespace="",port="1808[12]",'
                      r'status="success",target_model_name="m"} ', text, re.M)
 
