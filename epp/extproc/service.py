@@ -24,6 +24,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             async for req in request_iterator:
                 for resp in handler.handle(req):
                     yield resp
+                if handler.waiting is not None:  # flow control holds the request until the pool has room
+                    for resp in await handler.resume():
+                        yield resp
                 if handler.rejected:
                     break  # Envoy ends the HTTP stream after an ImmediateResponse
         finally:
