@@ -345,7 +345,7 @@ class EPPServer:
         return self.leader_election is not None and self.leader_election.is_leader
 
     def _start_leader_election(self) -> None:
-        from epp.discovery.kubernetes import InferencePoolDiscovery
+        from epp.discovery.kubernetes import load_credentials
         from epp.ha.leader_election import LeaderElector, Timing, lease_name, standalone_name
 
         o = self.options
@@ -355,8 +355,7 @@ class EPPServer:
             name = standalone_name()
         else:
             raise ValueError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector) to hold a Lease")
-        creds_source = InferencePoolDiscovery(self.datastore, o.pool_name, o.pool_namespace, kubeconfig=o.kubeconfig)
-        self.leader_election = LeaderElector(creds_source._credentials, o.pool_namespace, lease_name(o.pool_namespace, name),
+        self.leader_election = LeaderElector(lambda: load_credentials(o.kubeconfig), o.pool_namespace, lease_name(o.pool_namespace, name),
                                              timing=Timing(*o.leader_election_timing), on_change=self._leadership_changed)
         self._tasks.append(asyncio.create_task(self.leader_election.run(), name="leader-election"))
 

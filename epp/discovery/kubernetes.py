@@ -88,6 +88,13 @@ async def kubeconfig_credentials(path: str | None) -> Credentials:
     return Credentials(cfg.host.rstrip("/"), headers, ctx)
 
 
+async def load_credentials(kubeconfig: str | None) -> Credentials:
+    """A kubeconfig when one is given (or when not in a cluster), else the pod's service account."""
+    if kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return await kubeconfig_credentials(kubeconfig)
+    return in_cluster_credentials()
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """Which pods are endpoints, and on which ports: from an InferencePool, or from the standalone flags."""
@@ -164,10 +171,7 @@ class InferencePoolDiscovery:
 
     async def _credentials(self) -> Credentials:
         if self.credentials is None:
-            if self.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
-                self.credentials = await kubeconfig_credentials(self.kubeconfig)
-            else:
-                self.credentials = in_cluster_credentials()
+            self.credentials = await load_credentials(self.kubeconfig)
         return self.credentials
 
     # -- the loop ---------------------------------------------------------------------------------
