@@ -189,6 +189,11 @@ def check_flags(args: argparse.Namespace) -> list[str]:
         raise ValueError('both the "config-file" and "config-text" flags cannot be set at the same time')
     if args.metrics_client_ca_file and not args.metrics_cert_dir:
         raise ValueError('"metrics-client-ca-file" requires "metrics-cert-dir"')
+    from epp.tls import grpc_cipher_suites
+
+    suites = grpc_cipher_suites(args.tls_min_version, args.tls_cipher_suites)  # refuses what cannot be honoured, TLS or not
+    if suites and args.secure_serving:
+        os.environ["GRPC_SSL_CIPHER_SUITES"] = suites  # gRPC reads it once, when it loads: before epp.server is imported
     for flag, default in DEPRECATED_METRIC_FLAGS.items():
         if getattr(args, flag) != default:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} is not supported: this EPP reads vLLM's metric names "

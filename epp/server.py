@@ -208,7 +208,10 @@ class EPPServer:
     # -- parts ----------------------------------------------------------------------------------
     def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
         addr = f"{self.options.bind_address}:{port}"
-        bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+        try:
+            bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+        except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
+            bound = 0
         if not bound:
             raise OSError(f"cannot listen on {addr}; is the port in use? choose another with the matching --*-port flag")
         return bound

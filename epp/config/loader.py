@@ -409,9 +409,13 @@ class _Builder:
                 if not isinstance(ref, dict):
                     continue
                 at = ("schedulingProfiles", i, "plugins", j)
-                plugin = self.ref(at + ("pluginRef",), ref.get("pluginRef"), "filter, scorer or picker",
-                                  lambda p: isinstance(p, (Filter, Scorer, Picker)))
+                plugin = self.ref(at + ("pluginRef",), ref.get("pluginRef"), "plugin", lambda p: True)
                 if plugin is None:
+                    continue
+                if not isinstance(plugin, (Filter, Scorer, Picker)):
+                    # The Go EPP skips such entries too; say so instead of doing it silently.
+                    self.warn(at + ("pluginRef",), f"plugin {ref['pluginRef']!r} ({plugin.type_name}) is not a filter, scorer or picker; "
+                                                   "listing it in a scheduling profile has no effect")
                     continue
                 weight = ref.get("weight", 1)
                 if isinstance(plugin, Filter):
