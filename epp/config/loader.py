@@ -352,7 +352,7 @@ class _Builder:
             text = str(e)
             path = at + ("parameters",)
             for key in params:
-                if f": {key} " in text or f": {key}:" in text or f": {key}." in text or f": {key}[" in text:
+                if any(f"{sep}{key}{end}" in f": {text}" for sep in (": ", "; ") for end in (" ", ":", ".", "[")):
                     path = at + ("parameters", key)  # point at the offending parameter's line
                     break
             self.error(path, text)
