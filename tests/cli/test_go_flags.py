@@ -176,3 +176,53 @@ def test_tls_cipher_suites_and_message_size_limits(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _write_cert(directory, org: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (directory / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _served_org(port: int) -> str:
+    from cryptography import x509
+
+    pem = ssl.get_server_certificate(("127.0.0.1", port))
+    return x509.load_pem_x509_certificate(pem.encode()).subject.rfc4514_string()
+
+
+def test_cert_reload_and_metrics_over_tls(tmp_path):
+    import urllib.request
+
+    certs, metrics_certs = tmp_path / "certs", tmp_path / "metrics-certs"
+    certs.mkdir()
+    metrics_certs.mkdir()
+    _write_cert(certs, "first")
+    _write_cert(metrics_certs, "metrics")
+    proc, ports, _ = start(tmp_path, f"--cert-path={certs}", "--enable-cert-reload", f"--metrics-cert-dir={metrics_certs}")
+    try:
+        assert wait_until(lambda: health_status(ports["health"]) == SERVING, 45)
+        assert _served_org(ports["grpc"]) == "O=first"
+        time.sleep(0.05)
+        _write_cert(certs, "second")  # rotated on disk: new connections get the new pair
+        assert wait_until(lambda: _served_org(ports["grpc"]) == "O=second", 10)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        body = urllib.request.urlopen(f"https://127.0.0.1:{ports['metrics']}/metrics", context=ctx, timeout=5).read().decode()
+        assert "inference_pool_ready_pods" in body
+        assert _served_org(ports["metrics"]) == "O=metrics"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
