@@ -99,6 +99,7 @@ DEPRECATED_METRIC_FLAGS = {
     "lora_info_metric": "vllm:lora_requests_info",
     "cache_info_metric": "vllm:cache_config_info",
 }
+ALSO_READ = {"kv_cache_usage_percentage_metric": ("vllm:gpu_cache_usage_perc",)}  # GIE ≤ v1.2's default; read as a fallback
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -185,6 +186,16 @@ def check_flags(args: argparse.Namespace) -> list[str]:
         raise ValueError("give --pool-name or --endpoint-selector, not both")
     if args.endpoint_target_ports and not args.endpoint_selector:
         raise ValueError("--endpoint-target-ports needs --endpoint-selector (standalone mode)")
+    if args.endpoint_selector:
+        from epp.util.label_selector import parse_selector
+
+        try:
+            parse_selector(args.endpoint_selector)
+        except ValueError as e:
+            raise ValueError(f"--endpoint-selector: {e}") from None
+        ports = set(args.endpoint_target_ports)
+        if not 1 <= len(ports) <= 8 or any(not 0 < p < 65536 for p in ports):
+            raise ValueError("--endpoint-target-ports needs 1 to 8 ports (1-65535) with --endpoint-selector, e.g. --endpoint-target-ports=8000,8001")
     if args.config_file and args.config_text:
         raise ValueError('both the "config-file" and "config-text" flags cannot be set at the same time')
     if args.metrics_client_ca_file and not args.metrics_cert_dir:
@@ -195,7 +206,7 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     if suites and args.secure_serving:
         os.environ["GRPC_SSL_CIPHER_SUITES"] = suites  # gRPC reads it once, when it loads: before epp.server is imported
     for flag, default in DEPRECATED_METRIC_FLAGS.items():
-        if getattr(args, flag) != default:
+        if getattr(args, flag) not in (default, *ALSO_READ.get(flag, ())):
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} is not supported: this EPP reads vLLM's metric names "
                              f"({default}); llm-d refuses the flag too (use engineConfigs there)")
     warnings = [f"--{flag.replace('_', '-')}: {why}" for flag, why in NO_EFFECT_FLAGS.items() if getattr(args, flag)]

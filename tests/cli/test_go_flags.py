@@ -120,21 +120,48 @@ def test_standalone_mode_discovers_pods_by_label_without_an_inferencepool(tmp_pa
     "args,fragment",
     [
         (["--endpoint-target-ports=8000"], "--endpoint-target-ports needs --endpoint-selector"),
-        (["--endpoint-selector", "app=vllm", "--endpoint-target-ports=1,2,3,4,5,6,7,8,9"], "1 to 8 ports"),
-        (["--endpoint-selector", "app in ()", "--endpoint-target-ports=8000"], "--endpoint-selector"),
         (["--pool-name", "p", "--endpoint-selector", "app=vllm"], "not both"),
         (["--tls-min-version=VersionTLS13"], "VersionTLS13 cannot be enforced"),
+        (["--tls-min-version=TLS1.2"], "invalid --tls-min-version"),
         (["--tls-cipher-suites=TLS_FOO"], "invalid --tls-cipher-suites entry 'TLS_FOO'"),
         (["--total-queued-requests-metric=my_queue"], "--total-queued-requests-metric=my_queue is not supported"),
         (["--pool-group=inference.networking.x-k8s.io"], "--pool-group"),
-        (["--grpc-max-recv-msg-size=lots"], "invalid size"),
         (["--metrics-client-ca-file=/tmp/ca.pem"], "requires \"metrics-cert-dir\""),
+        (["--config-file=a.yaml", "--config-text=b"], "cannot be set at the same time"),
     ],
 )
-def test_go_flag_refusals_exit_2_with_a_message(tmp_path, args, fragment):
+def test_go_flag_refusals(args, fragment):
+    from epp.cli import check_flags, normalize_go_flags, serve_parser
+
+    with pytest.raises(ValueError) as e:
+        check_flags(serve_parser().parse_args(normalize_go_flags(args)))
+    assert fragment in str(e.value)
+
+
+def test_flags_without_effect_here_are_warned_and_gie_metric_names_accepted():
+    from epp.cli import check_flags, serve_parser
+
+    warnings = check_flags(serve_parser().parse_args(["--tracing", "--enable-pprof=true", "--metrics-endpoint-auth",
+                                                      "--kv-cache-usage-percentage-metric=vllm:gpu_cache_usage_perc",
+                                                      "--tls-min-version=VersionTLS11"]))
+    text = "\n".join(warnings)
+    for flag in ("--tracing", "--enable-pprof", "--metrics-endpoint-auth", "--tls-min-version=VersionTLS11"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--tls-min-version=VersionTLS13"], "VersionTLS13 cannot be enforced"),  # refused before anything starts
+        (["--endpoint-selector", "app in ()", "--endpoint-target-ports=8000"], "--endpoint-selector"),
+        (["--endpoint-selector", "app=vllm", "--endpoint-target-ports=1,2,3,4,5,6,7,8,9"], "1 to 8 ports"),
+        (["--grpc-max-recv-msg-size=lots"], "invalid size"),  # argparse
+    ],
+)
+def test_refusals_exit_2_with_a_message(tmp_path, args, fragment):
     eps = tmp_path / "e.yaml"
     eps.write_text(ENDPOINTS)
-    base = [] if any(a.startswith(("--endpoint-selector", "--pool-name")) for a in args) else ["--endpoints-file", str(eps)]
+    base = [] if any(a.startswith("--endpoint-selector") for a in args) else ["--endpoints-file", str(eps)]
     r = run_epp(*base, "--secure-serving=false", f"--grpc-port={free_port()}", f"--grpc-health-port={free_port()}",
                 f"--metrics-port={free_port()}", *args)
     assert r.returncode == 2 and fragment in r.stderr, r.stderr[-2000:]
