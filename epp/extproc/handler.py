@@ -27,6 +27,7 @@ from epp.scheduling.framework import LLMRequest, SchedulingError
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+LLMD_MODEL_REWRITE_HEADER = "x-llm-d-model-name-rewrite"  # llm-d's name; GIE's is the deprecated alias
 # Headers a client must never set for the upstream: the EPP alone chooses endpoints.
 CLIENT_FORBIDDEN = (
     "x-gateway-destination-endpoint",
@@ -40,6 +41,9 @@ SYSTEM_OWNED = frozenset(
         "x-gateway-inference-fairness-id",
         "x-gateway-inference-objective",
         MODEL_REWRITE_HEADER,
+        LLMD_MODEL_REWRITE_HEADER,
+        "x-llm-d-inference-fairness-id",
+        "x-llm-d-inference-objective",
         *CLIENT_FORBIDDEN,
         "content-length",
     }
@@ -183,7 +187,8 @@ class StreamHandler:
     def _schedule(self, raw: bytes) -> list[pb.ProcessingResponse]:
         request = None
         try:
-            request = self.director.parse_request(self.request_id, self.path, self.headers, raw, self.headers.get(MODEL_REWRITE_HEADER))
+            rewrite = self.headers.get(LLMD_MODEL_REWRITE_HEADER) or self.headers.get(MODEL_REWRITE_HEADER)
+            request = self.director.parse_request(self.request_id, self.path, self.headers, raw, rewrite)
             waiting = self.director.admit(request, self.subset)
         except SchedulingError as e:
             return self._reject(e, request, log=request is None or e.code == "BadRequest")

@@ -222,3 +222,14 @@ async def test_emit_endpoint_scores_in_envoy_lb_metadata(make_epp, emit):
         assert set(scores) == {"127.0.0.1:18081", "127.0.0.1:18082"} and all(0.0 <= v <= 1.0 for v in scores.values())
         assert scores[res.destination] == max(scores.values())
     await finish(s)
+
+
+async def test_llm_d_header_names_for_model_rewrite(epp):
+    s = EnvoyStream(epp.stub)
+    body = json.dumps({"model": "alias", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    res = await s.send_request({":path": "/v1/chat/completions", "x-llm-d-model-name-rewrite": "served-model",
+                                "x-gateway-model-name-rewrite": "ignored"}, body)
+    assert json.loads(res.body)["model"] == "served-model"  # llm-d's name wins over GIE's alias
+    out = await s.send_response(200, [b'{"id":"x","model":"served-model","choices":[]}'])
+    assert json.loads(out.response_body)["model"] == "alias"
+    await s.close()
