@@ -8,6 +8,7 @@ readiness all along and fails the test if two are ever ready at the same moment.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -146,3 +147,29 @@ def test_only_the_leader_is_ready_and_a_follower_takes_over(api, tmp_path):
     # every lease write was either a success by one holder or a 409 for the loser: never two winners at once
     holders = [h for name, h, status in api.server.lease_writes if name == LEASE_NAME and status in (200, 201)]
     assert holders and len(set(holders) - {""}) >= 3
+
+
+async def test_followers_stay_empty_when_the_gate_says_so(api):
+    """featureGates: [haPopulateNonLeaderDatastore=false]: a follower discovers nothing until it leads."""
+    from epp.server import EPPServer, ServerOptions
+    from tests.conftest import async_wait_until
+
+    config = ("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [haPopulateNonLeaderDatastore=false]\n"
+              "plugins: [{type: active-request-scorer}]\n")
+
+    def server() -> EPPServer:
+        return EPPServer(ServerOptions(grpc_port=0, grpc_health_port=0, metrics_port=0, bind_address="127.0.0.1", secure_serving=False,
+                                       pool_name="pool", pool_namespace="llm", kubeconfig=api.kubeconfig, config_text=config,
+                                       ha_enable_leader_election=True, leader_election_timing=(LEASE, RENEW, RETRY)))
+
+    first, second = server(), server()
+    await first.start()
+    try:
+        assert await async_wait_until(lambda: first.health.ready() and len(first.datastore) == 2, 20)
+        await second.start()
+        await asyncio.sleep(3 * RETRY)
+        assert not second.health.ready() and len(second.datastore) == 0 and not second.datastore.synced
+        await first.stop(0)  # releases the lease: the second leads, then discovers
+        assert await async_wait_until(lambda: second.health.ready() and len(second.datastore) == 2, 20)
+    finally:
+        await second.stop(0)
