@@ -3,8 +3,8 @@
 Replicas started with --ha-enable-leader-election compete for the Lease
 `epp-<namespace>-<name>.llm-d.ai` (the Go EPP's name): the holder renews `spec.renewTime` every
 retry period; another replica takes the lease over only when it has seen no change to the lease
-record for `leaseDurationSeconds` by its own clock (so clock skew between replicas does not
-matter), and every write carries the `resourceVersion` it read, so two candidates can never both
+record for `leaseDurationSeconds` by its own clock (the renewal's timestamp only corrects for how
+late the change was seen, within a bound that keeps clock skew harmless), and every write carries the `resourceVersion` it read, so two candidates can never both
 win (the API server answers 409 to the slower one). A leader that cannot renew for the renew
 deadline stops being leader; leadership is checked against the time of the last successful renew
 on every read of `is_leader`, so a paused or partitioned leader is not ready a moment longer than
@@ -167,7 +167,25 @@ class LeaderElector:
     def _observe(self, spec: dict[str, Any], now: float) -> None:
         key = {k: spec.get(k) for k in ("holderIdentity", "renewTime", "leaseDurationSeconds", "leaseTransitions")}
         if key != self._observed:
-            self._observed, self._observed_at = key, now
+            self._observed, self._observed_at = key, now - self._observation_lag(spec.get("renewTime"))
+
+    def _observation_lag(self, renew_time: Any) -> float:
+        """How long ago the renewal we just saw happened, by its timestamp, trusted only within bounds.
+
+        client-go counts a lease's age from when a follower first sees the change, which lags the
+        renewal by up to one poll; the timestamp removes that lag. It may move the takeover earlier
+        by at most min(retry period, lease duration − renew deadline), so a skewed clock can never
+        make a follower ready before the old leader's renew deadline has passed.
+        """
+        if not isinstance(renew_time, str):
+            return 0.0
+        try:
+            renewed = datetime.datetime.fromisoformat(renew_time.replace("Z", "+00:00"))
+        except ValueError:
+            return 0.0
+        lag = (datetime.datetime.now(datetime.timezone.utc) - renewed).total_seconds()
+        t = self.timing
+        return min(max(0.0, lag), t.retry_period, t.lease_duration - t.renew_deadline)
 
     def _time_to_expiry(self) -> float:
         duration = float((self._observed or {}).get("leaseDurationSeconds") or self.timing.lease_duration)

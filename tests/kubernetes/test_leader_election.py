@@ -113,7 +113,7 @@ def test_only_the_leader_is_ready_and_a_follower_takes_over(api, tmp_path):
         assert wait_until(follower.ready, LEASE + 5, interval=0.02)
         took = time.monotonic() - killed
         print(f"follower ready {took:.2f}s after the leader was killed (lease duration {LEASE}s)")
-        assert took <= LEASE + 0.3, took
+        assert took <= LEASE + 0.25, took  # the slack is the probe interval and scheduling on a loaded 2-core machine
         assert api.server.leases[LEASE_NAME]["spec"]["leaseTransitions"] >= 1
 
         # a third replica joins as follower; pause the leader: the successor never overlaps with it
