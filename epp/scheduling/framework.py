@@ -28,6 +28,8 @@ class LLMRequest:
     body_size: int = 0
     max_tokens: int | None = None  # requested output budget, if any
     prompt_text: str = ""  # the flattened user input (for prefix hashing); may be truncated
+    priority: int = 0  # from the request's InferenceObjective; negative = sheddable
+    fairness_id: str = "default-flow"  # flow-control flow (x-llm-d-inference-fairness-id)
 
 
 class CycleState:
