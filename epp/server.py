@@ -60,7 +60,8 @@ class EPPServer:
         self.datastore = Datastore()
         self.metrics = EPPMetrics(pool_name=o.pool_name or "local")
         self.loaded = resolve_config(o.config_file, o.config_text, o.config_profile)
-        ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
+        ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold,
+                                                                "metrics_registry": self.metrics.registry})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin)
         self.scheduler = self.built.scheduler
         self.director = Director(

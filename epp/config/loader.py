@@ -231,12 +231,19 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
                     field_path = ("plugins", i, "parameters", key)  # point at the offending parameter's line
                     break
             raise cfg.error(field_path, text) from None
+    for i, p in enumerate(cfg.data["plugins"]):  # plugins that name other plugins (a handler's deciders)
+        bind = getattr(instances[p.get("name") or p["type"]], "bind_plugins", None)
+        if bind is not None:
+            try:
+                bind(instances)
+            except ConfigError as e:
+                raise cfg.error(("plugins", i, "parameters"), str(e)) from None
     handlers = [p for p in instances.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise cfg.error(("plugins",), f"only one profile handler may be configured, found {[h.name for h in handlers]}")
     handler = handlers[0] if handlers else registry.create("single-profile-handler", "single-profile-handler", {}, ctx)
     raw_profiles = cfg.data.get("schedulingProfiles") or [
-        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if not isinstance(p, ProfileHandler)]}
+        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if isinstance(p, (Filter, Scorer, Picker))]}
     ]
     profiles: dict[str, SchedulerProfile] = {}
     for i, rp in enumerate(raw_profiles):
@@ -263,6 +270,12 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
         profiles[prof.name] = prof
     if handler.type_name == "single-profile-handler" and len(profiles) != 1:
         raise cfg.error(("schedulingProfiles",), f"single-profile-handler needs exactly one profile, found {len(profiles)}")
+    check = getattr(handler, "check_profiles", None)  # e.g. a disagg handler needs its decode profile
+    if check is not None:
+        try:
+            check(list(profiles))
+        except ConfigError as e:
+            raise cfg.error(("schedulingProfiles",), str(e)) from None
     scheduler = Scheduler(handler, profiles, plugins=[handler, *instances.values()], observer=observer)
     return BuiltConfig(scheduler, instances)
 

@@ -35,6 +35,8 @@ CLIENT_FORBIDDEN = (
     "x-gateway-destination-endpoint-subset",
     "x-prefiller-host-port",
     "x-prefiller-url",
+    "x-encoder-hosts-ports",
+    "x-data-parallel-host-port",
 )
 SYSTEM_OWNED = frozenset(
     {
@@ -210,7 +212,8 @@ class StreamHandler:
         ]
 
     def _routing_headers(self, destination: str, body_len: int) -> dict[str, str]:
-        h = {msg.DESTINATION_HEADER: destination}
+        extra = self.flight.result.request_headers if self.flight is not None and self.flight.result is not None else None
+        h = {**extra, msg.DESTINATION_HEADER: destination} if extra else {msg.DESTINATION_HEADER: destination}  # e.g. x-prefiller-host-port
         if body_len:
             h["content-length"] = str(body_len)
         if self.generated_id:

@@ -1,0 +1,273 @@
+"""Predicted latency of a P/D route: a (prefill, decode) pair, or prefill on the decode pod itself.
+
+For a prompt of t tokens and n output tokens, on decode pod d with k requests in its batch:
+
+    remote(p, d) = wait(p) + t / prefill_tps(p) + transfer(p → d, t) + spt(d)        (TTFT)
+                   + (n − 1) × spt(d) × (1 + batchSlowdown × k)                      (decode)
+    local(d)     = wait(d) + t / prefill_tps(d) + spt(d) + the same decode term
+    cost(route)  = calibration(route) × (E2E + contentionWeight × (delay(d) + interference))
+
+* wait(x): how long the prefill work this EPP already sent to x keeps x busy (its own bookings,
+  no scrape lag); a remote prefill books its prefill on p, a local one on d;
+* transfer(p → d, t): the link's measured profile at t tokens (`epp.datastore.links`: live
+  from the decode sidecar, the pair, its link class, or the decode endpoint's own profile);
+  no profile = 0 and the pair is named in the log, so pairs fall back to load;
+* delay(d): what joining d's batch costs the requests decoding there (shared formula);
+* interference: a local prefill stalls the k requests decoding on d for about its prefill
+  time (× `prefillInterference`) — the cost of not disaggregating that a decode batch pays;
+* calibration(route): EWMA of observed / predicted E2E per route (`p->d` or `d`), so a link
+  or pod the profiles misjudge — a degraded link among them — loses traffic as requests end.
+
+Prefix-cache hits, when a producer publishes them, shorten the prefill (on the pod that
+prefills) and the transfer (blocks the decode pod already holds).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from epp.datastore.endpoint import Endpoint
+from epp.datastore.links import LinkProfiles
+from epp.scheduling.estimates import cached_tokens, link_transfer, links_of
+from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
+from epp.scheduling.latency_model import PARAMETERS, LatencyParams, calibrated, delay_to_others, latency_params, unloaded_speeds
+from epp.scheduling.registry import PluginContext, positive_duration, reject_unknown
+
+NOTE_LIMIT = 16  # routes itemised per decision in the log
+
+
+@dataclass(slots=True)
+class RouteEstimate:
+    route: str  # "prefill-key->decode-key", or the decode key for a local prefill
+    prefill_on: Endpoint
+    decode_on: Endpoint
+    wait: float
+    prefill: float
+    transfer: float
+    source: str  # where the transfer profile came from ("" = none)
+    ttft: float  # calibrated
+    e2e: float  # calibrated
+    raw_e2e: float
+    delay: float  # calibrated delay to others (+ local-prefill interference)
+    cost: float
+    calibration: float
+
+    @property
+    def remote(self) -> bool:
+        return self.prefill_on is not self.decode_on
+
+    def summary(self) -> dict[str, float | str]:
+        """The estimate as the decision log shows it (milliseconds)."""
+        out: dict[str, float | str] = {"ttft_ms": _ms(self.ttft), "e2e_ms": _ms(self.e2e), "cost_ms": _ms(self.cost)}
+        if self.wait > 0:
+            out["wait_ms"] = _ms(self.wait)
+        if self.remote:
+            out["transfer_ms"] = _ms(self.transfer)
+            out["link"] = self.source or "no-profile"
+        if self.calibration != 1.0:
+            out["calibration"] = round(self.calibration, 3)
+        return out
+
+
+def route_key(prefill: Endpoint | None, decode: Endpoint) -> str:
+    return decode.key if prefill is None or prefill is decode else f"{prefill.key}->{decode.key}"
+
+
+@dataclass(slots=True)
+class _Seat:
+    stage_end: float  # decoding starts
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class _Booking:
+    prefill_key: str
+    decode_key: str
+    route: str
+    routed_at: float
+    predicted: float  # uncalibrated E2E at routing time
+    request: LLMRequest  # held so that id(request) cannot be reused while booked
+
+
+@dataclass(slots=True)
+class _DecodeTerms:
+    k: int
+    spt: float
+    tail: float  # (n − 1) × spt × (1 + batchSlowdown × k)
+    delay: float  # uncalibrated delay to others
+
+
+class PairLatencyModel:
+    """Bookings, estimates and calibration of P/D routes; shared by the pair scorer and the cost-based decider."""
+
+    def __init__(self, params: LatencyParams, links: LinkProfiles, *, prefill_interference: float = 1.0,
+                 max_transfer: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.params = params
+        self.links = links
+        self.prefill_interference = prefill_interference
+        self.max_transfer = max_transfer
+        self.clock = clock
+        self.calibration: dict[str, float] = {}  # route -> EWMA of observed / predicted E2E
+        self._stage: dict[str, dict[int, float]] = {}  # endpoint key -> id(request) -> its prefill's end there
+        self._seats: dict[str, dict[int, _Seat]] = {}  # decode endpoint key -> id(request) -> seat
+        self._bookings: dict[int, _Booking] = {}
+        self._cycle: CycleState | None = None
+        self._recent: dict[str, RouteEstimate] = {}  # this cycle's estimates, for booking the chosen route
+
+    # -- estimates --------------------------------------------------------------------------------
+    def _begin(self, state: CycleState) -> None:
+        if state is not self._cycle:
+            self._cycle, self._recent = state, {}
+
+    def _wait(self, key: str, now: float) -> float:
+        ends = self._stage.get(key)
+        return max(0.0, max(ends.values()) - now) if ends else 0.0
+
+    def _tokens(self, state: CycleState, request: LLMRequest, e: Endpoint) -> int:
+        hit = cached_tokens(state, e)
+        return max(1, request.prompt_tokens - hit) if hit else request.prompt_tokens
+
+    def _decode_terms(self, state: CycleState, request: LLMRequest, d: Endpoint, now: float) -> _DecodeTerms:
+        cache = state.read("pair-latency/decode-terms")
+        if cache is None:
+            cache = {}
+            state.write("pair-latency/decode-terms", cache)
+        terms = cache.get(d.key)
+        if terms is None:
+            p = self.params
+            seats = self._seats.get(d.key, {}).values()
+            k = len(seats)
+            _, spt = unloaded_speeds(d.metrics, k, p.default_prefill_tps, p.default_decode_spt, p.batch_slowdown)
+            n = request.max_tokens or p.default_output_tokens
+            tail = max(0, n - 1) * spt * (1.0 + p.batch_slowdown * k)
+            terms = cache[d.key] = _DecodeTerms(k, spt, tail, delay_to_others(p.batch_slowdown, seats, n, spt, now))
+        return terms
+
+    def _prefill_seconds(self, state: CycleState, request: LLMRequest, e: Endpoint) -> float:
+        p = self.params
+        tps, _ = unloaded_speeds(e.metrics, len(self._seats.get(e.key, ())), p.default_prefill_tps, p.default_decode_spt, p.batch_slowdown)
+        return self._tokens(state, request, e) / tps
+
+    def local(self, state: CycleState, request: LLMRequest, d: Endpoint) -> RouteEstimate:
+        """Prefill on the decode pod itself (no disaggregation)."""
+        self._begin(state)
+        now = self.clock()
+        t = self._decode_terms(state, request, d, now)
+        wait, prefill = self._wait(d.key, now), self._prefill_seconds(state, request, d)
+        interference = self.prefill_interference * prefill * t.k
+        return self._finish(d.key, d, d, wait, prefill, 0.0, "", t, interference)
+
+    def pair(self, state: CycleState, request: LLMRequest, p: Endpoint, d: Endpoint) -> RouteEstimate | None:
+        """Prefill on p, KV over the link p → d, decode on d; None when the link is over maxTransferTime."""
+        if p is d:
+            return self.local(state, request, d)
+        self._begin(state)
+        now = self.clock()
+        xfer, source = link_transfer(state, self.links, self._tokens(state, request, d), p, d)
+        if xfer is not None and self.max_transfer is not None and xfer > self.max_transfer:
+            return None
+        t = self._decode_terms(state, request, d, now)
+        return self._finish(route_key(p, d), p, d, self._wait(p.key, now), self._prefill_seconds(state, request, p),
+                            xfer or 0.0, source, t, 0.0)
+
+    def _finish(self, route: str, p: Endpoint, d: Endpoint, wait: float, prefill: float, xfer: float, source: str,
+                t: _DecodeTerms, interference: float) -> RouteEstimate:
+        ttft = wait + prefill + xfer + t.spt
+        e2e = ttft + t.tail
+        delay = t.delay + interference
+        c = self.calibration.get(route, 1.0)
+        est = RouteEstimate(route, p, d, wait, prefill, xfer, source, ttft * c, e2e * c, e2e, delay * c,
+                            (e2e + self.params.contention_weight * delay) * c, c)
+        self._recent[route] = est
+        return est
+
+    def pairs(self, state: CycleState, request: LLMRequest, d: Endpoint, prefills: Iterable[Endpoint]) -> list[RouteEstimate]:
+        """Every usable remote route into d (links over maxTransferTime left out)."""
+        out = []
+        for p in prefills:
+            if p is not d:
+                est = self.pair(state, request, p, d)
+                if est is not None:
+                    out.append(est)
+        return out
+
+    def pairs_from(self, state: CycleState, request: LLMRequest, p: Endpoint, decodes: Iterable[Endpoint]) -> list[RouteEstimate]:
+        """Every usable remote route out of p."""
+        out = []
+        for d in decodes:
+            if d is not p:
+                est = self.pair(state, request, p, d)
+                if est is not None:
+                    out.append(est)
+        return out
+
+    # -- bookings ---------------------------------------------------------------------------------
+    def book(self, request: LLMRequest, prefill: Endpoint | None, decode: Endpoint) -> RouteEstimate:
+        """The request goes this way: its prefill queues on the prefill pod (or the decode pod), then it decodes on `decode`."""
+        route = route_key(prefill, decode)
+        est = self._recent.get(route)
+        if est is None or est.decode_on is not decode:  # not scored this cycle (another plugin chose): estimate now
+            state = CycleState()
+            est = self.local(state, request, decode) if prefill is None or prefill is decode else self.pair(state, request, prefill, decode)
+            if est is None:  # over maxTransferTime, chosen anyway
+                est = self._finish(route, prefill or decode, decode, 0.0, 0.0, 0.0, "", self._decode_terms(state, request, decode, self.clock()), 0.0)
+        self.release(request)  # one booking per request
+        now = self.clock()
+        rid = id(request)
+        pre = est.prefill_on.key
+        start = now + self._wait(pre, now)
+        self._stage.setdefault(pre, {})[rid] = start + est.prefill
+        n = request.max_tokens or self.params.default_output_tokens
+        self._seats.setdefault(decode.key, {})[rid] = _Seat(start + est.prefill + est.transfer, n)
+        self._bookings[rid] = _Booking(pre, decode.key, route, now, est.raw_e2e, request)
+        return est
+
+    def release(self, request: LLMRequest, outcome: str = "rescheduled") -> None:
+        b = self._bookings.pop(id(request), None)
+        if b is None:
+            return
+        rid = id(request)
+        for table, key in ((self._stage, b.prefill_key), (self._seats, b.decode_key)):
+            entries = table.get(key)
+            if entries is not None:
+                entries.pop(rid, None)
+                if not entries:
+                    del table[key]
+        if outcome == "success" and b.predicted > 0:
+            self.calibration[b.route] = calibrated(self.calibration.get(b.route, 1.0), self.clock() - b.routed_at, b.predicted)
+
+    def forget_endpoint(self, endpoint: Endpoint) -> None:
+        key = endpoint.key
+        self._stage.pop(key, None)
+        self._seats.pop(key, None)
+        for route in [r for r in self.calibration if r == key or r.startswith(key + "->") or r.endswith("->" + key)]:
+            del self.calibration[route]
+
+    def booked(self) -> int:
+        return len(self._bookings)
+
+
+def pair_model_from(name: str, parameters: Mapping[str, Any], ctx: PluginContext, extra: tuple[str, ...] = ()) -> PairLatencyModel:
+    """A pair model from a plugin's parameters (shared with cost-based-pd-decider when it owns one)."""
+    reject_unknown(name, parameters, (*PARAMETERS, "prefillInterference", "maxTransferTime", *extra))
+    interference = parameters.get("prefillInterference", 1.0)
+    if not isinstance(interference, (int, float)) or isinstance(interference, bool) or interference < 0:
+        raise ConfigError(f"plugin {name!r}: prefillInterference must be a number >= 0, got {interference!r}")
+    max_transfer = positive_duration(name, parameters, "maxTransferTime", 1) if "maxTransferTime" in parameters else None
+    model = PairLatencyModel(latency_params(name, parameters, ctx), links_of(ctx), prefill_interference=float(interference),
+                             max_transfer=max_transfer)
+    if ctx.datastore is not None:
+        ctx.datastore.on_removal(model.forget_endpoint)
+    return model
+
+
+
+def best(estimates: Sequence[RouteEstimate]) -> RouteEstimate | None:
+    return min(estimates, key=lambda e: e.cost, default=None)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2) if math.isfinite(seconds) else seconds
