@@ -17,6 +17,8 @@ For a prompt of t tokens and n output tokens, on decode pod d with k requests in
   time (× `prefillInterference`) — the cost of not disaggregating that a decode batch pays;
 * calibration(route): EWMA of observed / predicted E2E per route (`p->d` or `d`), so a link
   or pod the profiles misjudge — a degraded link among them — loses traffic as requests end.
+  It fades back towards 1 with a half-life (`calibrationHalfLife`) while the route is unused,
+  so a route that recovered is tried again instead of being shunned for ever.
 
 Prefix-cache hits, when a producer publishes them, shorten the prefill (on the pod that
 prefills) and the transfer (blocks the decode pod already holds).
@@ -104,13 +106,14 @@ class PairLatencyModel:
     """Bookings, estimates and calibration of P/D routes; shared by the pair scorer and the cost-based decider."""
 
     def __init__(self, params: LatencyParams, links: LinkProfiles, *, prefill_interference: float = 1.0,
-                 max_transfer: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_transfer: float | None = None, half_life: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.params = params
         self.links = links
         self.prefill_interference = prefill_interference
         self.max_transfer = max_transfer
+        self.half_life = half_life
         self.clock = clock
-        self.calibration: dict[str, float] = {}  # route -> EWMA of observed / predicted E2E
+        self._calibration: dict[str, tuple[float, float]] = {}  # route -> (EWMA of observed / predicted E2E, when)
         self._stage: dict[str, dict[int, float]] = {}  # endpoint key -> id(request) -> its prefill's end there
         self._seats: dict[str, dict[int, _Seat]] = {}  # decode endpoint key -> id(request) -> seat
         self._bookings: dict[int, _Booking] = {}
@@ -178,7 +181,7 @@ class PairLatencyModel:
         ttft = wait + prefill + xfer + t.spt
         e2e = ttft + t.tail
         delay = t.delay + interference
-        c = self.calibration.get(route, 1.0)
+        c = self.calibration(route)
         est = RouteEstimate(route, p, d, wait, prefill, xfer, source, ttft * c, e2e * c, e2e, delay * c,
                             (e2e + self.params.contention_weight * delay) * c, c)
         self._recent[route] = est
@@ -237,14 +240,24 @@ class PairLatencyModel:
                 if not entries:
                     del table[key]
         if outcome == "success" and b.predicted > 0:
-            self.calibration[b.route] = calibrated(self.calibration.get(b.route, 1.0), self.clock() - b.routed_at, b.predicted)
+            now = self.clock()
+            self._calibration[b.route] = (calibrated(self.calibration(b.route), now - b.routed_at, b.predicted), now)
+
+    def calibration(self, route: str) -> float:
+        """The route's observed / predicted ratio, faded towards 1 by the time since it was last observed."""
+        entry = self._calibration.get(route)
+        if entry is None:
+            return 1.0
+        value, when = entry
+        age = self.clock() - when
+        return value if age <= 0 else 1.0 + (value - 1.0) * 0.5 ** (age / self.half_life)
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
         key = endpoint.key
         self._stage.pop(key, None)
         self._seats.pop(key, None)
-        for route in [r for r in self.calibration if r == key or r.startswith(key + "->") or r.endswith("->" + key)]:
-            del self.calibration[route]
+        for route in [r for r in self._calibration if r == key or r.startswith(key + "->") or r.endswith("->" + key)]:
+            del self._calibration[route]
 
     def booked(self) -> int:
         return len(self._bookings)
@@ -252,13 +265,13 @@ class PairLatencyModel:
 
 def pair_model_from(name: str, parameters: Mapping[str, Any], ctx: PluginContext, extra: tuple[str, ...] = ()) -> PairLatencyModel:
     """A pair model from a plugin's parameters (shared with cost-based-pd-decider when it owns one)."""
-    reject_unknown(name, parameters, (*PARAMETERS, "prefillInterference", "maxTransferTime", *extra))
+    reject_unknown(name, parameters, (*PARAMETERS, "prefillInterference", "maxTransferTime", "calibrationHalfLife", *extra))
     interference = parameters.get("prefillInterference", 1.0)
     if not isinstance(interference, (int, float)) or isinstance(interference, bool) or interference < 0:
         raise ConfigError(f"plugin {name!r}: prefillInterference must be a number >= 0, got {interference!r}")
     max_transfer = positive_duration(name, parameters, "maxTransferTime", 1) if "maxTransferTime" in parameters else None
     model = PairLatencyModel(latency_params(name, parameters, ctx), links_of(ctx), prefill_interference=float(interference),
-                             max_transfer=max_transfer)
+                             max_transfer=max_transfer, half_life=positive_duration(name, parameters, "calibrationHalfLife", "60s"))
     if ctx.datastore is not None:
         ctx.datastore.on_removal(model.forget_endpoint)
     return model
