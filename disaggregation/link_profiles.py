@@ -1,13 +1,16 @@
 """kv-link-profiles: load per-link KV-transfer profiles from a file into the EPP (and follow its changes).
 
-The file is what `kv-bandwidth-profiler --links` writes (or a ConfigMap holding it): a profile
-per measured (prefill, decode) pair and/or per link class. The EPP re-reads it when it changes,
-checked every `reloadInterval`; a broken edit keeps the last good profiles and logs why. Live
-per-peer profiles that decode sidecars export on /metrics take precedence over the file.
+The file (`file`, else $EPP_KV_LINK_PROFILES, else /etc/epp/kv-link-profiles.json) is what
+`kv-bandwidth-profiler --links` writes, or a ConfigMap holding it: a profile per measured
+(prefill, decode) pair and/or per link class. The EPP re-reads it when it changes, checked every
+`reloadInterval`; a broken edit keeps the last good profiles and logs why, a missing file means
+no data yet (pairs fall back to load). Live per-peer profiles that decode sidecars export on
+/metrics take precedence over the file.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from epp.datastore.links import DEFAULT_TOPOLOGY_LABELS, LinkProfileError
@@ -15,6 +18,8 @@ from epp.scheduling.estimates import links_of
 from epp.scheduling.framework import ConfigError
 from epp.scheduling.registry import PluginContext, positive_duration, register, reject_unknown
 
+FILE_ENV = "EPP_KV_LINK_PROFILES"  # the file when the config names none
+DEFAULT_FILE = "/etc/epp/kv-link-profiles.json"  # where the Kubernetes manifests mount the profiler's ConfigMap
 # llm-d topology-extractor's parameter names -> the levels they label
 LABEL_PARAMETERS = {"hostname": "host", "rack": "rack", "zone": "zone", "region": "region"}
 
@@ -31,7 +36,7 @@ class KVLinkProfiles:
 @register("kv-link-profiles")
 def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> KVLinkProfiles:
     reject_unknown(name, parameters, ("file", "reloadInterval", "topologyLabels"))
-    path = parameters.get("file")
+    path = parameters.get("file", os.environ.get(FILE_ENV, DEFAULT_FILE))
     if not isinstance(path, str) or not path:
         raise ConfigError(f"plugin {name!r}: file must be the path of a link-profiles file (kv-bandwidth-profiler --links writes one)")
     interval = positive_duration(name, parameters, "reloadInterval", "5s")

@@ -88,7 +88,11 @@ class LinkProfiles:
         self._table = table
 
     def watch_file(self, path: str, interval: float) -> None:
-        """Load `path` now (errors raise) and re-read it when it changes, checked every `interval` s."""
+        """Load `path` now and re-read it when it changes, checked every `interval` s.
+
+        A malformed file raises; a missing one is an empty table (no data: plugins fall back to
+        load) until it appears — the profiler may not have written it yet.
+        """
         self._file = _FileSource(Path(path), interval)
         self._table = self._file.load()
 
@@ -171,11 +175,14 @@ class _FileSource:
     def load(self) -> LinkTable:
         self._stamp = self._stat()
         self._next = time.monotonic() + self.interval
+        if self._stamp is None:
+            _log.warning("Link profiles file not found; pairs fall back to load until it appears", file=str(self.path))
+            return LinkTable(source=str(self.path))
         return load_link_profiles(self.path)
 
     def reload(self) -> LinkTable | None:
         stamp = self._stat()
-        if stamp is None or stamp == self._stamp:
+        if stamp is None or stamp == self._stamp:  # unchanged, or gone (the last profiles stay)
             return None
         table = load_link_profiles(self.path)
         self._stamp, self._reported = stamp, None

@@ -174,11 +174,21 @@ def test_guardrail_in_decode_stage_keeps_all_rather_than_fail(tmp_path):
     assert f.filter(state, request(16000), [e["prefill-a"], e["prefill-b"]]) == [e["prefill-a"]]
 
 
-def test_link_profiles_plugin_errors(tmp_path):
+def test_link_profiles_plugin_missing_file_is_no_data_and_errors_are_named(tmp_path, monkeypatch):
+    missing = tmp_path / "later.json"
+    monkeypatch.setenv("EPP_KV_LINK_PROFILES", str(missing))
+    b = Built("plugins:\n- type: kv-link-profiles\n  parameters: {reloadInterval: 10ms}\n- type: decode-filter\n", [])
+    links = b.datastore.links
+    assert len(links.table) == 0  # not written yet: no data, no error
+    write_links(tmp_path, name="later.json")
+    time.sleep(0.02)
+    assert len(links.table) == 3
     with pytest.raises(ConfigError, match="file must be the path"):
-        Built("plugins:\n- type: kv-link-profiles\n- type: decode-filter\n", [])
-    with pytest.raises(ConfigError, match="cannot read link profiles"):
-        Built(f"plugins:\n- type: kv-link-profiles\n  parameters: {{file: {tmp_path / 'none.json'}}}\n- type: decode-filter\n", [])
+        Built("plugins:\n- type: kv-link-profiles\n  parameters: {file: 3}\n- type: decode-filter\n", [])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"classes": [{"level": "host"}]}')
+    with pytest.raises(ConfigError, match="classes.0.: points must be a non-empty list"):
+        Built(f"plugins:\n- type: kv-link-profiles\n  parameters: {{file: {bad}}}\n- type: decode-filter\n", [])
     with pytest.raises(ConfigError, match="topologyLabels maps hostname"):
         Built(f"plugins:\n- type: kv-link-profiles\n  parameters: {{file: {write_links(tmp_path)}, topologyLabels: {{node: x}}}}\n"
               "- type: decode-filter\n", [])
