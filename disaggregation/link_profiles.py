@@ -1,4 +1,8 @@
-"""kv-link-profiles: load per-link KV-transfer profiles from a file into the EPP (and follow its changes).
+"""kv-link-profiles and topology-extractor: what the EPP knows about the links between pods.
+
+kv-link-profiles loads per-link KV-transfer profiles from a file (and follows its changes);
+topology-extractor (llm-d's) names the pod labels that place an endpoint on a host, rack, zone
+and region — the link classes and the topology-affinity plugins use the same labels.
 
 The file (`file`, else $EPP_KV_LINK_PROFILES, else /etc/epp/kv-link-profiles.json) is what
 `kv-bandwidth-profiler --links` writes, or a ConfigMap holding it: a profile per measured
@@ -13,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from epp.datastore.links import DEFAULT_TOPOLOGY_LABELS, LinkProfileError
+from epp.datastore.links import LinkProfileError
 from epp.scheduling.estimates import links_of
 from epp.scheduling.framework import ConfigError
 from epp.scheduling.registry import PluginContext, positive_duration, register, reject_unknown
@@ -44,9 +48,31 @@ def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> KV
     if not isinstance(labels, Mapping) or any(k not in LABEL_PARAMETERS or not isinstance(v, str) for k, v in labels.items()):
         raise ConfigError(f"plugin {name!r}: topologyLabels maps {', '.join(LABEL_PARAMETERS)} to pod label names")
     links = links_of(ctx)
-    links.topology_labels = {**DEFAULT_TOPOLOGY_LABELS, **{LABEL_PARAMETERS[k]: v for k, v in labels.items()}}
+    links.topology_labels.update({LABEL_PARAMETERS[k]: v for k, v in labels.items()})
     try:
         links.watch_file(path, interval)
     except LinkProfileError as e:
         raise ConfigError(f"plugin {name!r}: {e}") from None
     return KVLinkProfiles(name, path)
+
+
+class TopologyExtractor:
+    """llm-d's topology-extractor: which pod labels name an endpoint's host, rack, zone and region."""
+
+    type_name = "topology-extractor"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+@register("topology-extractor")
+def _topology(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> TopologyExtractor:
+    reject_unknown(name, parameters, tuple(LABEL_PARAMETERS))
+    links = links_of(ctx)
+    for key, level in LABEL_PARAMETERS.items():
+        value = parameters.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"plugin {name!r}: {key} must be a pod label name, got {value!r}")
+            links.topology_labels[level] = value
+    return TopologyExtractor(name)

@@ -192,3 +192,23 @@ def test_link_profiles_plugin_missing_file_is_no_data_and_errors_are_named(tmp_p
     with pytest.raises(ConfigError, match="topologyLabels maps hostname"):
         Built(f"plugins:\n- type: kv-link-profiles\n  parameters: {{file: {write_links(tmp_path)}, topologyLabels: {{node: x}}}}\n"
               "- type: decode-filter\n", [])
+
+
+def test_llm_d_topology_affinity_curve_and_fail_open_filter():
+    from filters.topology_affinity import TopologyAffinityFilter
+    from scorers.topology_affinity import TopologyAffinityScorer
+
+    e = by_name(seed_cluster())
+    links = LinkProfiles()
+    scorer, flt = TopologyAffinityScorer("s", links), TopologyAffinityFilter("f", links, "host")
+    state = CycleState()
+    prefills = [e["prefill-a"], e["prefill-b"]]
+    assert scorer.score(state, request(10), prefills) == [0.0, 0.0]  # no peer yet
+    state.write(PEER_ENDPOINT_KEY, e["decode-a"])
+    assert scorer.score(state, request(10), prefills) == [1.0, 0.0]  # same host 1.0, nothing shared 0
+    assert flt.filter(state, request(10), prefills) == [e["prefill-a"]]
+    assert flt.filter(state, request(10), [e["prefill-b"]]) == [e["prefill-b"]]  # none close enough: keeps all
+    e["decode-a"].labels = {k: v for k, v in e["decode-a"].labels.items() if k != "kubernetes.io/hostname"}
+    assert flt.filter(state, request(10), prefills) == prefills  # peer without topology: keeps all
+    with pytest.raises(ConfigError, match="invalid topology level 'none'"):
+        Built("plugins:\n- type: topology-affinity-filter\n  parameters: {minAffinity: none}\n", [])
