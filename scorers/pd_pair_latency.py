@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint, can_decode, can_prefill
 from epp.scheduling.framework import PEER_ENDPOINT_KEY, STAGE_KEY, ConfigError, CycleState, LLMRequest, SchedulingResult
-from epp.scheduling.pair_latency import NOTE_LIMIT, PairLatencyModel, RouteEstimate, best, pair_model_from
+from epp.scheduling.pair_latency import NOTE_LIMIT, PairLatencyModel, RouteEstimate, pair_model_from
 from epp.scheduling.registry import PluginContext, register
 
 
@@ -47,16 +47,15 @@ class PDPairLatencyScorer:
             return [m.pair(state, request, peer, d) for d in endpoints]
         if stage == "prefill":  # prefill first: each prefill pod's best decode peer
             decodes = [d for d in state.candidates if can_decode(d)]
-            return [best(m.pairs_from(state, request, p, decodes)) for p in endpoints]
+            return [m.best_pair_from(state, request, p, decodes) for p in endpoints]
         if stage is None:  # no disagg handler: every request prefills where it decodes
             return [m.local(state, request, d) for d in endpoints]
         prefills = [p for p in state.candidates if can_prefill(p)]
         out = []
         for d in endpoints:
-            options = m.pairs(state, request, d, prefills)
-            if self.local_prefill or not options:
-                options.append(m.local(state, request, d))
-            out.append(best(options))
+            remote = m.best_pair_into(state, request, d, prefills)
+            local = m.local(state, request, d) if self.local_prefill or remote is None else None
+            out.append(remote if local is None or (remote is not None and remote.cost < local.cost) else local)
         return out
 
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:

@@ -82,6 +82,7 @@ class LinkProfiles:
         self.topology_labels: dict[str, str] = dict(topology_labels or DEFAULT_TOPOLOGY_LABELS)
         self._table = LinkTable()
         self._file: _FileSource | None = None
+        self._memo: dict[tuple[str, str], tuple] = {}
 
     # -- sources --------------------------------------------------------------------------------
     def replace(self, table: LinkTable) -> None:
@@ -117,13 +118,29 @@ class LinkProfiles:
         return "none"
 
     def lookup(self, prefill: Endpoint, decode: Endpoint) -> tuple[TransferProfile | None, str]:
-        """The most specific profile of the link prefill → decode, and where it came from."""
-        live = decode.metrics.link_profiles
+        """The most specific profile of the link prefill → decode, and where it came from.
+
+        Memoised per pair while the two endpoints, the table and the decode pod's metrics (its
+        live profiles) are the same objects: a scheduling cycle looks up every prefill × decode pair.
+        """
+        table = self.table
+        metrics = decode.metrics
+        k = (prefill.key, decode.key)
+        m = self._memo.get(k)
+        if m is not None and m[0] is prefill and m[1] is decode and m[2] is table and m[3] is metrics:
+            return m[4], m[5]
+        prof, source = self._lookup(prefill, decode, table, metrics.link_profiles)
+        if len(self._memo) >= MAX_LINKS:
+            self._memo.clear()
+        self._memo[k] = (prefill, decode, table, metrics, prof, source)
+        return prof, source
+
+    def _lookup(self, prefill: Endpoint, decode: Endpoint, table: LinkTable,
+                live: Mapping[str, TransferProfile] | None) -> tuple[TransferProfile | None, str]:
         if live:
             prof = live.get(prefill.hostport) or live.get(prefill.name)
             if prof is not None:
                 return prof, "live"
-        table = self.table
         if table.pairs:
             for p in _ids(prefill):
                 for d in _ids(decode):

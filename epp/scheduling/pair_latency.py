@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
 from epp.datastore.links import LinkProfiles
-from epp.scheduling.estimates import cached_tokens, link_transfer, links_of
+from epp.scheduling.estimates import cached_tokens, links_of
 from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
 from epp.scheduling.latency_model import PARAMETERS, LatencyParams, calibrated, delay_to_others, latency_params, unloaded_speeds
 from epp.scheduling.registry import PluginContext, positive_duration, reject_unknown
@@ -100,6 +100,21 @@ class _DecodeTerms:
     spt: float
     tail: float  # (n − 1) × spt × (1 + batchSlowdown × k)
     delay: float  # uncalibrated delay to others
+    tokens: int  # KV to move into this pod: the prompt less what it holds cached
+
+
+class _Cycle:
+    """What one scheduling cycle computes once and every route of it reuses (hot path: N prefill × M decode pods)."""
+
+    __slots__ = ("state", "request", "now", "n", "floor", "prefill_side", "decode_side", "seconds", "order_of", "order")
+
+    def __init__(self, state: CycleState, request: LLMRequest, now: float, n: int, floor: float) -> None:
+        self.state, self.request, self.now, self.n, self.floor = state, request, now, n, floor
+        self.prefill_side: dict[str, tuple[float, float]] = {}  # endpoint key -> (wait, prefill seconds)
+        self.decode_side: dict[str, _DecodeTerms] = {}
+        self.seconds: dict[tuple[int, int], float] = {}  # (id(profile), tokens) -> transfer seconds
+        self.order_of: object = None  # the prefill list `order` was sorted from
+        self.order: list[tuple[float, Endpoint]] = []
 
 
 class PairLatencyModel:
@@ -117,64 +132,77 @@ class PairLatencyModel:
         self._stage: dict[str, dict[int, float]] = {}  # endpoint key -> id(request) -> its prefill's end there
         self._seats: dict[str, dict[int, _Seat]] = {}  # decode endpoint key -> id(request) -> seat
         self._bookings: dict[int, _Booking] = {}
-        self._cycle: CycleState | None = None
+        self._cycle: _Cycle | None = None
         self._recent: dict[str, RouteEstimate] = {}  # this cycle's estimates, for booking the chosen route
 
-    # -- estimates --------------------------------------------------------------------------------
-    def _begin(self, state: CycleState) -> None:
-        if state is not self._cycle:
-            self._cycle, self._recent = state, {}
+    # -- per-cycle terms --------------------------------------------------------------------------
+    def _begin(self, state: CycleState, request: LLMRequest) -> _Cycle:
+        c = self._cycle
+        if c is None or c.state is not state or c.request is not request:
+            # a lower bound of every route's calibration (fading moves values towards 1), for pruning
+            floor = min(1.0, min((v for v, _ in self._calibration.values()), default=1.0))
+            c = self._cycle = _Cycle(state, request, self.clock(), request.max_tokens or self.params.default_output_tokens, floor)
+            self._recent = {}
+        return c
 
     def _wait(self, key: str, now: float) -> float:
         ends = self._stage.get(key)
         return max(0.0, max(ends.values()) - now) if ends else 0.0
 
-    def _tokens(self, state: CycleState, request: LLMRequest, e: Endpoint) -> int:
-        hit = cached_tokens(state, e)
-        return max(1, request.prompt_tokens - hit) if hit else request.prompt_tokens
+    def _tokens(self, c: _Cycle, e: Endpoint) -> int:
+        hit = cached_tokens(c.state, e)
+        t = c.request.prompt_tokens
+        return max(1, t - hit) if hit else t
 
-    def _decode_terms(self, state: CycleState, request: LLMRequest, d: Endpoint, now: float) -> _DecodeTerms:
-        cache = state.read("pair-latency/decode-terms")
-        if cache is None:
-            cache = {}
-            state.write("pair-latency/decode-terms", cache)
-        terms = cache.get(d.key)
+    def _prefill_side(self, c: _Cycle, e: Endpoint) -> tuple[float, float]:
+        side = c.prefill_side.get(e.key)
+        if side is None:
+            p = self.params
+            tps, _ = unloaded_speeds(e.metrics, len(self._seats.get(e.key, ())), p.default_prefill_tps, p.default_decode_spt, p.batch_slowdown)
+            side = c.prefill_side[e.key] = (self._wait(e.key, c.now), self._tokens(c, e) / tps)
+        return side
+
+    def _decode_side(self, c: _Cycle, d: Endpoint) -> _DecodeTerms:
+        terms = c.decode_side.get(d.key)
         if terms is None:
             p = self.params
             seats = self._seats.get(d.key, {}).values()
             k = len(seats)
             _, spt = unloaded_speeds(d.metrics, k, p.default_prefill_tps, p.default_decode_spt, p.batch_slowdown)
-            n = request.max_tokens or p.default_output_tokens
-            tail = max(0, n - 1) * spt * (1.0 + p.batch_slowdown * k)
-            terms = cache[d.key] = _DecodeTerms(k, spt, tail, delay_to_others(p.batch_slowdown, seats, n, spt, now))
+            tail = max(0, c.n - 1) * spt * (1.0 + p.batch_slowdown * k)
+            delay = delay_to_others(p.batch_slowdown, seats, c.n, spt, c.now)
+            terms = c.decode_side[d.key] = _DecodeTerms(k, spt, tail, delay, self._tokens(c, d))
         return terms
 
-    def _prefill_seconds(self, state: CycleState, request: LLMRequest, e: Endpoint) -> float:
-        p = self.params
-        tps, _ = unloaded_speeds(e.metrics, len(self._seats.get(e.key, ())), p.default_prefill_tps, p.default_decode_spt, p.batch_slowdown)
-        return self._tokens(state, request, e) / tps
+    def _transfer(self, c: _Cycle, p: Endpoint, d: Endpoint, tokens: int) -> tuple[float | None, str]:
+        prof, source = self.links.lookup(p, d)
+        if prof is None:
+            return None, ""
+        key = (id(prof), tokens)
+        seconds = c.seconds.get(key)
+        if seconds is None:
+            seconds = c.seconds[key] = prof.seconds_for_tokens(tokens)
+        return seconds, source
 
+    # -- estimates --------------------------------------------------------------------------------
     def local(self, state: CycleState, request: LLMRequest, d: Endpoint) -> RouteEstimate:
         """Prefill on the decode pod itself (no disaggregation)."""
-        self._begin(state)
-        now = self.clock()
-        t = self._decode_terms(state, request, d, now)
-        wait, prefill = self._wait(d.key, now), self._prefill_seconds(state, request, d)
-        interference = self.prefill_interference * prefill * t.k
-        return self._finish(d.key, d, d, wait, prefill, 0.0, "", t, interference)
+        c = self._begin(state, request)
+        t = self._decode_side(c, d)
+        wait, prefill = self._prefill_side(c, d)
+        return self._finish(d.key, d, d, wait, prefill, 0.0, "", t, self.prefill_interference * prefill * t.k)
 
     def pair(self, state: CycleState, request: LLMRequest, p: Endpoint, d: Endpoint) -> RouteEstimate | None:
         """Prefill on p, KV over the link p → d, decode on d; None when the link is over maxTransferTime."""
         if p is d:
             return self.local(state, request, d)
-        self._begin(state)
-        now = self.clock()
-        xfer, source = link_transfer(state, self.links, self._tokens(state, request, d), p, d)
+        c = self._begin(state, request)
+        t = self._decode_side(c, d)
+        xfer, source = self._transfer(c, p, d, t.tokens)
         if xfer is not None and self.max_transfer is not None and xfer > self.max_transfer:
             return None
-        t = self._decode_terms(state, request, d, now)
-        return self._finish(route_key(p, d), p, d, self._wait(p.key, now), self._prefill_seconds(state, request, p),
-                            xfer or 0.0, source, t, 0.0)
+        wait, prefill = self._prefill_side(c, p)
+        return self._finish(route_key(p, d), p, d, wait, prefill, xfer or 0.0, source, t, 0.0)
 
     def _finish(self, route: str, p: Endpoint, d: Endpoint, wait: float, prefill: float, xfer: float, source: str,
                 t: _DecodeTerms, interference: float) -> RouteEstimate:
@@ -189,23 +217,38 @@ class PairLatencyModel:
 
     def pairs(self, state: CycleState, request: LLMRequest, d: Endpoint, prefills: Iterable[Endpoint]) -> list[RouteEstimate]:
         """Every usable remote route into d (links over maxTransferTime left out)."""
-        out = []
-        for p in prefills:
-            if p is not d:
-                est = self.pair(state, request, p, d)
-                if est is not None:
-                    out.append(est)
-        return out
+        return [est for p in prefills if p is not d and (est := self.pair(state, request, p, d)) is not None]
 
-    def pairs_from(self, state: CycleState, request: LLMRequest, p: Endpoint, decodes: Iterable[Endpoint]) -> list[RouteEstimate]:
-        """Every usable remote route out of p."""
-        out = []
-        for d in decodes:
-            if d is not p:
-                est = self.pair(state, request, p, d)
-                if est is not None:
-                    out.append(est)
-        return out
+    def best_pair_into(self, state: CycleState, request: LLMRequest, d: Endpoint, prefills: Sequence[Endpoint]) -> RouteEstimate | None:
+        """The cheapest usable remote route into d, without building an estimate for every pair.
+
+        Prefill pods are visited cheapest prefill side first; once even the calibration floor
+        times (their wait + prefill + d's decode terms) cannot beat the best found, the rest
+        cannot either (a transfer is never negative).
+        """
+        c = self._begin(state, request)
+        if c.order_of is not prefills:
+            c.order = sorted(((sum(self._prefill_side(c, p)), p) for p in prefills), key=lambda x: x[0])
+            c.order_of = prefills
+        t = self._decode_side(c, d)
+        tail = t.spt + t.tail + self.params.contention_weight * t.delay
+        best_cost, best_p = math.inf, None
+        for pre, p in c.order:
+            if c.floor * (pre + tail) >= best_cost:
+                break
+            if p is d:
+                continue
+            xfer, _ = self._transfer(c, p, d, t.tokens)
+            if xfer is not None and self.max_transfer is not None and xfer > self.max_transfer:
+                continue
+            cost = self.calibration(route_key(p, d)) * (pre + (xfer or 0.0) + tail)
+            if cost < best_cost:
+                best_cost, best_p = cost, p
+        return None if best_p is None else self.pair(state, request, best_p, d)
+
+    def best_pair_from(self, state: CycleState, request: LLMRequest, p: Endpoint, decodes: Iterable[Endpoint]) -> RouteEstimate | None:
+        """The cheapest usable remote route out of p (prefill-first order: one prefill, every decode pod)."""
+        return best([est for d in decodes if d is not p and (est := self.pair(state, request, p, d)) is not None])
 
     # -- bookings ---------------------------------------------------------------------------------
     def book(self, request: LLMRequest, prefill: Endpoint | None, decode: Endpoint) -> RouteEstimate:
@@ -216,7 +259,8 @@ class PairLatencyModel:
             state = CycleState()
             est = self.local(state, request, decode) if prefill is None or prefill is decode else self.pair(state, request, prefill, decode)
             if est is None:  # over maxTransferTime, chosen anyway
-                est = self._finish(route, prefill or decode, decode, 0.0, 0.0, 0.0, "", self._decode_terms(state, request, decode, self.clock()), 0.0)
+                c = self._begin(state, request)
+                est = self._finish(route, prefill or decode, decode, 0.0, 0.0, 0.0, "", self._decode_side(c, decode), 0.0)
         self.release(request)  # one booking per request
         now = self.clock()
         rid = id(request)
