@@ -221,3 +221,36 @@ def test_single_profile_use_scores_local_routes_only(tmp_path):
     state = CycleState(b.datastore.endpoints())
     routes = s.routes(state, request(100), list(b.datastore.endpoints()))
     assert all(not r.remote for r in routes)
+
+
+def test_best_pair_search_agrees_with_the_exhaustive_one(paired):
+    """The pruned search returns the cheapest pair, whatever the bookings and calibrations."""
+    import random
+
+    rng = random.Random(3)
+    b = paired()
+    e = {x.name: x for x in b.datastore.endpoints()}
+    prefills = [e["prefill-a"], e["prefill-b"]]
+    for trial in range(40):
+        for i in range(rng.randrange(4)):
+            b.model.book(request(rng.randrange(10, 4000), f"t{trial}-{i}", max_tokens=200), rng.choice(prefills + [None]),
+                         rng.choice([e["decode-a"], e["decode-b"]]))
+        for route in ("prefill-a->decode-a", "prefill-b->decode-a", "prefill-a->decode-b", "decode-b"):
+            b.model._calibration[route] = (rng.uniform(0.5, 3.0), b.clock.t)
+        state, req = CycleState(b.datastore.endpoints()), request(rng.randrange(10, 16000), f"q{trial}")
+        for d in (e["decode-a"], e["decode-b"]):
+            fast = b.model.best_pair_into(state, req, d, prefills)
+            full = min(b.model.pairs(state, req, d, prefills), key=lambda r: r.cost)
+            assert fast.route == full.route and fast.cost == pytest.approx(full.cost)
+
+
+def test_prefill_first_scores_prefill_pods_by_their_best_decode_then_decode_by_the_link(tmp_path):
+    text = PAIRED.format(file=write_links(tmp_path), extra="", decider="").replace(
+        "parameters: {{deciders: {{prefill: cost-based-pd-decider}}}}".format(), "parameters: {stageOrder: prefill-first}")
+    text = text.replace("- type: cost-based-pd-decider\n  parameters: {}\n", "")
+    b = Built(text, only({"prefill-a", "prefill-b", "decode-b"}))
+    r = b.route(request(8000, "long", max_tokens=50))
+    notes = r.notes["pd-pair-latency-scorer"]
+    assert r.request_headers == {"x-prefiller-host-port": "10.0.1.1:8000"}  # prefill-a: Ethernet beats worker-b's fs path
+    assert notes["prefill"]["routes"]["prefill-a"]["via"] == "prefill-a -> decode-b"
+    assert notes["decode"]["routes"]["decode-b"]["link"] == "class:none"
