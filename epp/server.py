@@ -101,7 +101,8 @@ class EPPServer:
         self.metrics = EPPMetrics(pool_name=o.pool_name or "local", model_label_limit=o.model_name_metric_label_limit,
                                   fairness_label_limit=o.fairness_id_metric_label_limit)
         self.loaded = resolve_config(o.config_file, o.config_text, o.config_profile)
-        ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
+        ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold,
+                                                                "metrics_registry": self.metrics.registry})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin, allow_experimental=o.allow_experimental_plugins)
         self.scheduler = self.built.scheduler
         self.director = Director(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_PD = "each endpoint here is a P/D proxy that runs prefill, KV transfer and decode itself (docs/backends.md), so one profile routing to proxies replaces the P/D profile pair"
 _PARSER = "requests in the OpenAI shape parse with openai-parser; anything else can pass through unparsed with passthrough-parser"
 _NOT_HERE = "not implemented in this EPP"
 
@@ -27,18 +26,10 @@ class GoPlugin:
 
 GO_EPP_PLUGINS: dict[str, GoPlugin] = {
     # -- scheduling: profile handlers and P/D -------------------------------------------------------
-    "pd-profile-handler": GoPlugin("llm-d, deprecated since v0.7", "profile handler", "single-profile-handler", _PD),
-    "disagg-profile-handler": GoPlugin("llm-d", "profile handler", "single-profile-handler", _PD),
-    "prefix-based-pd-decider": GoPlugin("llm-d", "P/D decider", "single-profile-handler", _PD),
-    "always-disagg-pd-decider": GoPlugin("llm-d", "P/D decider", "single-profile-handler", _PD),
-    "always-disagg-multimodal-decider": GoPlugin("llm-d", "P/D decider", None, _PD),
-    "prefill-header-handler": GoPlugin("llm-d, deprecated since v0.9", "request control", "single-profile-handler", _PD),
-    "disagg-headers-handler": GoPlugin("llm-d, deprecated since v0.9", "request control", "single-profile-handler", _PD),
     "data-parallel-profile-handler": GoPlugin(
         "llm-d", "profile handler", "single-profile-handler",
         "data-parallel ranks are one endpoint per target port here (InferencePool targetPorts or --endpoint-target-ports)"),
     "header-profile-handler": GoPlugin("llm-d", "profile handler", None, alpha=True),
-    "encode-filter": GoPlugin("llm-d", "filter", "label-selector-filter", "select llm-d.ai/role: encode with matchLabels"),
     "by-label": GoPlugin("llm-d, deprecated since v0.9", "filter", "label-selector-filter", "matchExpressions with operator In covers label + validValues"),
     # -- scheduling: scorers and filters --------------------------------------------------------------
     "prefix-cache-scorer": GoPlugin("GIE, llm-d", "scorer"),
@@ -56,10 +47,6 @@ GO_EPP_PLUGINS: dict[str, GoPlugin] = {
     "predicted-latency-producer": GoPlugin("GIE v1.5, llm-d", "data producer", "predicted-latency-scorer", "the predictor is built into the scorer"),
     "prefix-cache-affinity-filter": GoPlugin("GIE v1.5, llm-d", "filter"),
     "slo-headroom-tier-filter": GoPlugin("GIE v1.5, llm-d", "filter", "predicted-latency-scorer"),
-    "utilization-filter": GoPlugin("llm-d", "filter", "utilization-detector", "the detector is also a filter", alpha=True),
-    "topology-affinity-filter": GoPlugin("llm-d", "filter", "transfer-time-filter", "measured KV-transfer time instead of a fixed topology curve", alpha=True),
-    "topology-affinity-scorer": GoPlugin("llm-d", "scorer", "transfer-bandwidth-scorer", "measured KV-transfer bandwidth instead of a fixed topology curve", alpha=True),
-    "topology-extractor": GoPlugin("llm-d", "data extractor", "transfer-bandwidth-scorer", alpha=True),
     "endpoint-attribute-filter": GoPlugin("llm-d", "filter", "label-selector-filter", alpha=True),
     "endpoint-attribute-scorer": GoPlugin("llm-d", "scorer", "kv-backend-scorer", "scores endpoints by a label value", alpha=True),
     "header-label-affinity-scorer": GoPlugin("llm-d", "scorer", "kv-backend-header-filter", "a request header choosing endpoints by label", alpha=True),

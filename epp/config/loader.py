@@ -335,6 +335,17 @@ class _Builder:
             else:
                 self.failed.add(name)
 
+    def bind(self) -> None:
+        """Plugins that name other plugins (a P/D handler's deciders) find them once all are built."""
+        for name, plugin in list(self.instances.items()):
+            bind = getattr(plugin, "bind_plugins", None)
+            if bind is None:
+                continue
+            try:
+                bind(self.instances)
+            except ConfigError as e:
+                self.error(("plugins", self.plugin_index.get(name, 0), "parameters"), str(e))
+
     def create(self, type_name: str, name: str, params: Mapping[str, Any], at: tuple) -> Any:
         reg = registry.registered(type_name)
         if reg is None:
@@ -434,6 +445,13 @@ class _Builder:
         if getattr(handler, "type_name", "") == "single-profile-handler" and len(profiles) != 1 and not self.failed:
             self.error(("schedulingProfiles",), f"single-profile-handler needs exactly one profile, found {len(profiles)}")
             return None
+        check = getattr(handler, "check_profiles", None)  # e.g. a disagg handler needs its decode profile
+        if check is not None:
+            try:
+                check(list(profiles))
+            except ConfigError as e:
+                self.error(("schedulingProfiles",), str(e))
+                return None
         return handler, profiles
 
     # -- request handling -------------------------------------------------------------------------
@@ -605,6 +623,7 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
     b.header()
     gates = b.feature_gates()
     b.plugins()
+    b.bind()
     shape = b.scheduler()
     parsers = b.parsers()
     data_layer = b.data_layer()

@@ -52,6 +52,8 @@ CLIENT_FORBIDDEN = (
     "x-llm-d-inference-objective",
     "x-gateway-inference-fairness-id",
     "x-llm-d-inference-fairness-id",
+    "x-encoder-hosts-ports",
+    "x-data-parallel-host-port",
 )
 
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
@@ -348,7 +350,8 @@ class StreamHandler:
         ]
 
     def _routing_headers(self, destination: str, body_len: int) -> dict[str, str]:
-        h = {msg.DESTINATION_HEADER: destination}
+        extra = self.flight.result.request_headers if self.flight is not None and self.flight.result is not None else None
+        h = {**extra, msg.DESTINATION_HEADER: destination} if extra else {msg.DESTINATION_HEADER: destination}  # e.g. x-prefiller-host-port
         if body_len:
             h["content-length"] = str(body_len)
         if self.generated_id:

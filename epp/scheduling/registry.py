@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from epp.scheduling.framework import ConfigError, Plugin
 from epp.util.duration import parse_duration
@@ -28,6 +28,7 @@ BUILTIN_PLUGIN_MODULES = (
     "epp.flowcontrol.policies",
     "filters",
     "scorers",
+    "disaggregation",
 )
 
 
@@ -115,3 +116,13 @@ def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, de
     if seconds <= 0:
         raise ConfigError(f"plugin {plugin!r}: {field} must be positive, got {parameters.get(field)!r}")
     return seconds
+
+
+def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A ConfigError naming every parameter the plugin does not have: nothing in a config is silently ignored."""
+    known = set(known)
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ConfigError(
+            f"plugin {plugin!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+        )

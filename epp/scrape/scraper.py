@@ -71,6 +71,8 @@ class MetricsScraper:
             m = parse_metrics(text)
             if m.transfer_profile is None and ep.metrics.transfer_profile is not None:
                 m = dataclasses.replace(m, transfer_profile=ep.metrics.transfer_profile)
+            if m.link_profiles is None and ep.metrics.link_profiles is not None:
+                m = dataclasses.replace(m, link_profiles=ep.metrics.link_profiles)
             self.datastore.set_metrics(ep.key, m)
             self.scrapes += 1
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:

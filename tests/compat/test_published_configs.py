@@ -84,3 +84,10 @@ def test_the_default_configs_are_the_ones_the_issue_names():
         data = yaml.safe_load((CONFIGS / name).read_text())
         weights = {r["pluginRef"]: r["weight"] for r in data["schedulingProfiles"][0]["plugins"]}
         assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "prefix-cache-scorer": 3}
+
+
+def test_the_go_epp_type_table_names_only_types_not_implemented_here():
+    """The table explains unknown types; a type registered here must not be described as missing."""
+    from epp.config.go_epp_types import GO_EPP_PLUGINS
+
+    assert [t for t in GO_EPP_PLUGINS if registry.registered(t) is not None] == []

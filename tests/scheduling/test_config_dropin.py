@@ -36,7 +36,7 @@ featureGates: [flowControl, warpDrive]
 plugins:
 - type: queue-scorer
   parameters: {blockSize: 4}
-- type: pd-profile-handler
+- type: data-parallel-profile-handler
 - type: kv-cache-utilization-scorer
 - type: max-score-picker
   parameters: {maxNumOfEndpoints: 0}
@@ -54,7 +54,7 @@ flowControl:
     expected = [
         "c.yaml:3: featureGates[1]: feature gate 'warpDrive' is unknown",
         "c.yaml:6: plugins[0].parameters.blockSize: unknown parameter for 'queue-scorer'",
-        "c.yaml:7: plugins[1].type: plugin type 'pd-profile-handler' is a Go EPP profile handler plugin (llm-d, deprecated since v0.7) "
+        "c.yaml:7: plugins[1].type: plugin type 'data-parallel-profile-handler' is a Go EPP profile handler plugin (llm-d) "
         "that is not implemented in this EPP; the closest plugin here is 'single-profile-handler'",
         "c.yaml:10: plugins[3].parameters.maxNumOfEndpoints: maxNumOfEndpoints must be a positive integer",
         "c.yaml:15: schedulingProfiles[0].plugins[0].weight: must be a number, got 'heavy'",
