@@ -78,7 +78,7 @@ def wait_all_healthy(stack, timeout: float = 60.0) -> None:
 def _pick_interval(profile: str) -> float:
     """The readiness interval of the profile's endpoint-health plugin: the 'scrape interval' of the pick bound."""
     from epp.config import resolve_config
-    from epp.health import parse_policy
+    from epp.endpoint_health import parse_policy
 
     for p in resolve_config(profile=profile).data.get("plugins", []):
         if p.get("type") == "endpoint-health":

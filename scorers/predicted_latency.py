@@ -54,13 +54,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.estimates import transfer_estimates
-from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, SchedulingResult
+from epp.scheduling.framework import CycleState, LLMRequest, SchedulingResult
+from epp.scheduling.latency_model import calibrated, delay_to_others, penalised, unloaded_speeds
+from epp.scheduling.latency_model import number as _number
 from epp.scheduling.registry import PluginContext, register
 
 STATE_KEY = "predicted-latency"
-CALIBRATION_ALPHA = 0.1
-CALIBRATION_MIN, CALIBRATION_MAX = 0.5, 3.0
-FAILURE_ALPHA = 0.3  # each failure moves calibration this far toward CALIBRATION_MAX
 
 
 @dataclass(slots=True)
@@ -103,23 +102,11 @@ class PredictedLatencyScorer:
         return max(0.0, end - now)
 
     def _speeds(self, e: Endpoint, k: int) -> tuple[float, float]:
-        m = e.metrics
-        tps = m.prefill_tokens_per_second or self.default_prefill_tps
-        spt = m.decode_seconds_per_token
-        spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else self.default_decode_spt
-        return tps, spt
+        return unloaded_speeds(e.metrics, k, self.default_prefill_tps, self.default_decode_spt, self.batch_slowdown)
 
     def _delay(self, flights: Sequence[Flight], n: int, spt: float, now: float) -> float:
         """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
-        if not flights or self.batch_slowdown <= 0:
-            return 0.0
-        per_token = spt * (1.0 + self.batch_slowdown * (len(flights) - 1))
-        total = 0
-        for f in flights:
-            decoding_since = f.stage_end + spt
-            done = (now - decoding_since) / per_token if now > decoding_since else 0.0
-            total += min(max(0.0, f.output_tokens - done), n - 1)
-        return self.batch_slowdown * spt * total
+        return delay_to_others(self.batch_slowdown, flights, n, spt, now)
 
     def _drop_held(self, now: float) -> None:
         held = self._held
@@ -191,12 +178,10 @@ class PredictedLatencyScorer:
         if flight is None:
             return
         now = self.clock()
-        old = self.calibration.get(key, 1.0)
         if outcome == "success" and flight.predicted > 0:
-            ratio = min(CALIBRATION_MAX, max(CALIBRATION_MIN, (now - flight.routed_at) / flight.predicted))
-            self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
+            self.calibration[key] = calibrated(self.calibration.get(key, 1.0), now - flight.routed_at, flight.predicted)
         elif outcome == "error":
-            self.calibration[key] = (1 - FAILURE_ALPHA) * old + FAILURE_ALPHA * CALIBRATION_MAX
+            self.calibration[key] = penalised(self.calibration.get(key, 1.0))
             end = flight.routed_at + flight.predicted
             if end > now:
                 rid = next(self._held_ids)
@@ -213,12 +198,6 @@ class PredictedLatencyScorer:
 
 def _ms(est: Mapping[str, Mapping[str, float]], field: str) -> dict[str, float]:
     return {k: round(v[field] * 1000, 2) for k, v in est.items() if v[field] > 0}
-
-
-def _number(name: str, field: str, v: Any, *, positive: bool) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (positive and v == 0):
-        raise ConfigError(f"plugin {name!r}: {field} must be a {'positive number' if positive else 'number >= 0'}, got {v!r}")
-    return float(v)
 
 
 @register("predicted-latency-scorer")

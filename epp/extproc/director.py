@@ -9,16 +9,20 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Awaitable, Mapping, Sequence
 
 from epp.datastore import Datastore, Endpoint
-from epp.health import Admission, HealthMonitor
-from epp.health import outcomes as oc
+from epp.datastore.objectives import Objectives
+from epp.endpoint_health import Admission, HealthMonitor
+from epp.endpoint_health import outcomes as oc
 from epp.observability.decision_log import DECISION_MSG, FAILURE_MSG, decision_fields, failure_fields
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
+from epp.requesthandling.parsers import OpenAIParser, ParserChain
 from epp.scheduling.framework import LLMRequest, SchedulingError, SchedulingResult
 from epp.scheduling.scheduler import NO_CANDIDATES, Scheduler
+
+SHED_MESSAGE = "system saturated, sheddable request dropped"
 
 
 @dataclass(slots=True)
@@ -37,6 +41,7 @@ class InFlight:
     output_tokens: int | None = None
     response_bytes: int = 0
     _status: int = 0
+    endpoint_scores: dict[str, float] | None = None  # --emit-endpoint-scores: ip:port -> weighted total
     first_byte_at: float = 0.0
     verdict: str = ""  # a failure endpoint health's watchdog already recorded (no first byte in time, stalled)
     stream_error: int = 0  # the status in an SSE error event the response carried (it started as a 200)
@@ -60,10 +65,14 @@ class Director:
     config_profile: str | None = None
     request_timeout: float = 600.0  # safety net: releases per-request state of streams that never end
     disable_subset_filter: bool = False
+    parsers: ParserChain = field(default_factory=lambda: ParserChain([OpenAIParser("openai-parser")]))
+    objectives: Objectives = field(default_factory=Objectives)
+    saturation_detector: Any = None  # sheds negative-priority requests when the pool is saturated
+    flow_control: Any = None  # epp.flowcontrol.controller.FlowController when the flowControl gate is on
+    emit_endpoint_scores: bool = False
     health: HealthMonitor | None = None
     rng: random.Random = field(default_factory=random.Random)
     inflight: dict[int, InFlight] = field(default_factory=dict)
-    _selections: dict[str, Any] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger("epp.director"))
 
     # -- candidates -----------------------------------------------------------------------------
@@ -89,13 +98,54 @@ class Director:
             raise SchedulingError("ServiceUnavailable", _no_healthy(admission) if admission.excluded else NO_CANDIDATES)
         return self.rng.choice(list(cands))
 
+    # -- parsing and admission ----------------------------------------------------------------------
+    def parse_request(self, request_id: str, path: str, headers: Mapping[str, str], raw: bytes,
+                      model_rewrite: str | None = None) -> LLMRequest:
+        """The configured parsers turn the body into an LLMRequest; priority and flow come from the headers."""
+        request = self.parsers.parse(request_id, path, headers, raw, model_rewrite)
+        request.priority, request.fairness_id = self.objectives.for_request(headers)
+        return request
+
+    def admit(self, request: LLMRequest, subset: Sequence[str] | None) -> Awaitable[None] | None:
+        """None: schedule now. An awaitable: the request waits in flow control first.
+
+        Without the flowControl gate only sheddable requests (priority < 0) are checked, and they
+        get 429 when the saturation detector reads >= 1.0 over their candidates (GIE/llm-d legacy
+        admission). Raises SchedulingError (logged, counted) when the request is refused.
+        """
+        flow = self.flow_control
+        if flow is not None:
+            try:
+                waiting = flow.submit(request.request_id, request.priority, request.fairness_id, request.body_size, subset)
+            except SchedulingError as e:
+                self.fail(request, e)
+                raise
+            return None if waiting is None else self._wait_for_dispatch(request, waiting)
+        if request.priority < 0 and self.saturation_detector is not None:
+            if self.saturation_detector.saturation(self.candidates(subset)) >= 1.0:
+                err = SchedulingError("ResourceExhausted", SHED_MESSAGE)
+                self.fail(request, err)
+                raise err
+        return None
+
+    async def _wait_for_dispatch(self, request: LLMRequest, waiting: Awaitable[None]) -> None:
+        try:
+            await waiting
+        except SchedulingError as e:
+            self.fail(request, e)
+            raise
+
     # -- scheduling -----------------------------------------------------------------------------
     def schedule(self, request: LLMRequest, subset: Sequence[str] | None) -> InFlight:
         """Schedule, run PreRequest hooks, log the decision. Raises SchedulingError (logged, counted)."""
+        try:
+            return self._schedule(request, subset)
+        finally:
+            if self.flow_control is not None:
+                self.flow_control.handoff_complete()  # the next queued request may be dispatched
+
+    def _schedule(self, request: LLMRequest, subset: Sequence[str] | None) -> InFlight:
         m = self.metrics
-        series = m.model(request.model, request.target_model)
-        series.request_total.inc()
-        series.request_sizes.observe(request.body_size)
         t0 = time.perf_counter()
         admission = self.admitted(subset)
         try:
@@ -104,6 +154,10 @@ class Director:
             result = self.scheduler.schedule(request, admission.endpoints)
         except SchedulingError as e:
             m.scheduler_e2e.observe((), time.perf_counter() - t0)
+            series = m.series_for(request)  # a refused request never adds a label value
+            series.request_total.inc()
+            series.request_sizes.observe(request.body_size)
+            m.scheduler_attempt(request, None)
             if e.result is not None:
                 e.result.excluded, e.result.health_panic = dict(admission.excluded), admission.panic
             self.fail(request, e, admission.excluded)
@@ -111,24 +165,25 @@ class Director:
         m.scheduler_e2e.observe((), time.perf_counter() - t0)
         if admission.excluded:
             result.excluded, result.health_panic = dict(admission.excluded), admission.panic
+        series = m.series_for(request, admit=True)
+        series.request_total.inc()
+        series.request_sizes.observe(request.body_size)
         self.scheduler.pre_request(request, result)
         flight = InFlight(request, result, time.monotonic())
+        if self.emit_endpoint_scores:
+            flight.endpoint_scores = endpoint_scores(result)
         self.inflight[id(request)] = flight
         series.running.inc()
         primary = result.targets[0]
         if self.health is not None:
             self.health.scheduled(id(request), primary)
-        sel = self._selections.get(primary.hostport)
-        if sel is None:
-            sel = self._selections[primary.hostport] = m.selections.labels(primary.hostport, primary.kv_backend or "none")
-        sel.inc()
+        m.selection(primary.hostport, primary.kv_backend or "none").inc()
+        m.scheduler_attempt(request, primary)
         self.log.info(DECISION_MSG, **decision_fields(request, result, self.config_profile))
         return flight
 
     def fail(self, request: LLMRequest | None, error: SchedulingError, excluded: Mapping[str, str] | None = None) -> None:
-        model = request.model if request else ""
-        target = request.target_model if request else ""
-        self.metrics.model(model, target).error(error.code).inc()
+        self.metrics.series_for(request).error(error.code).inc()
         fields = failure_fields(request, error, self.config_profile)
         if excluded and "excluded" not in fields:
             fields["excluded"] = dict(excluded)
@@ -154,7 +209,7 @@ class Director:
             if flight.stream_error:
                 detail = f"error event {flight.stream_error} in a {flight.status} stream"
             self.health.record(target, kind, id(req), ttfb=ttfb, detail=detail, routed_at=flight.started)
-        series = self.metrics.model(req.model, req.target_model)
+        series = self.metrics.series_for(req)
         series.running.dec()
         if outcome == "success":
             elapsed = time.monotonic() - flight.started
@@ -169,8 +224,11 @@ class Director:
             series.error("ModelServerError").inc()
         if flight.result is not None:
             self.scheduler.response_complete(req, flight.result, oc.plugin_outcome(kind))
+        if self.flow_control is not None:
+            self.flow_control.notify()  # capacity was released
         if kind != oc.SUCCESS:
-            self.log.info("Request ended", request_id=req.request_id, outcome=kind, status=flight.status or None,
+            status = flight.status if 100 <= flight.status <= 599 else None
+            self.log.info("Request ended", request_id=req.request_id, outcome=kind, status=status,
                           endpoint=target.key if target is not None else None, seconds=round(time.monotonic() - flight.started, 3))
 
     def reap_expired(self, now: float | None = None) -> int:
@@ -180,6 +238,15 @@ class Director:
         for f in expired:
             self.complete(f, "timeout")
         return len(expired)
+
+
+def endpoint_scores(result: SchedulingResult) -> dict[str, float] | None:
+    """llm-d's `x-gateway-destination-endpoint-scores`: every endpoint the primary profile scored → its weighted total."""
+    primary = result.primary
+    if not primary.scores:
+        return None  # the profile ran no scorers
+    hostport = {e.key: e.hostport for e in primary.candidates}
+    return {hostport[k]: t for k, t in zip(primary.scored_keys, primary.totals) if k in hostport}
 
 
 def _no_healthy(admission: Admission) -> str:

@@ -60,6 +60,8 @@ def decision_fields(request: LLMRequest, result: SchedulingResult, config_profil
     }
     if request.target_model != request.model:
         fields["target_model"] = request.target_model
+    if result.request_headers:
+        fields["request_headers"] = result.request_headers  # what the EPP added for the pod's sidecar
     if result.notes:
         fields["notes"] = result.notes
     return fields

@@ -2,10 +2,11 @@
 
 Reads JSON log lines (other lines are skipped), and prints the selection split per endpoint and
 per kv-backend label, the prompt sizes each kv-backend was given (fabric-aware profiles send
-long prompts to the fast fabric: this is where that shows), failures by code, the
-distribution of each scorer's raw score and of the winning totals, and endpoint health per
-endpoint: picks, failed requests by outcome, how often it was left out, ejections by reason and
-readiness losses. `--json` prints the same as one JSON object.
+long prompts to the fast fabric: this is where that shows), the P/D split (decode-only vs
+prefill-decode, which prefill pods, which prompt sizes), failures by code, the distribution of
+each scorer's raw score and of the winning totals, and endpoint health per endpoint: picks, failed
+requests by outcome, how often it was left out, ejections by reason and readiness losses. `--json`
+prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
     winning: list[float] = []
     filtered: Counter[str] = Counter()
     prompts: dict[str, list[float]] = defaultdict(list)
+    disagg: Counter[str] = Counter()  # P/D: decode-only / prefill-decode / …, and where the prefills went
+    prefill_picks: Counter[str] = Counter()
+    disagg_prompts: dict[str, list[float]] = defaultdict(list)
     health: dict[str, dict[str, Any]] = defaultdict(_endpoint_health)
     panics = 0
     decisions = 0
@@ -59,6 +63,13 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
                 winning.append(float(totals[sel]))
             for flt in ev.get("filtered_out") or {}:
                 filtered[flt] += 1
+            pd = (ev.get("notes") or {}).get("disaggregation")
+            if isinstance(pd, dict) and pd.get("decision"):
+                disagg[pd["decision"]] += 1
+                if pd.get("prefill"):
+                    prefill_picks[pd["prefill"]] += 1
+                if isinstance(ev.get("prompt_tokens"), (int, float)):
+                    disagg_prompts[pd["decision"]].append(float(ev["prompt_tokens"]))
             if sel:
                 health[sel]["picks"] += 1
             for key in ev.get("excluded") or {}:
@@ -82,6 +93,9 @@ def summarize(lines: Iterable[str]) -> dict[str, Any]:
         "by_profile": dict(by_profile.most_common()),
         "prompt_tokens_by_kv_backend": {b: _stats(prompts[b]) for b in by_backend if prompts.get(b)},
         "filters_removing": dict(filtered),
+        "disaggregation": dict(disagg.most_common()),
+        "prefill_endpoint": dict(prefill_picks.most_common()),
+        "prompt_tokens_by_disaggregation": {k: _stats(v) for k, v in disagg_prompts.items()},
         "scores": {name: _stats(v) for name, v in sorted(scorer_values.items())},
         "winning_total": _stats(winning),
         "endpoint_health": {k: {f: dict(v) if isinstance(v, Counter) else v for f, v in h.items()} for k, h in sorted(health.items())},
@@ -121,6 +135,11 @@ def render(s: dict[str, Any], out: IO[str]) -> None:
                 print(f"  {b:12} n={st['n']} p50={st['p50']:.0f} p90={st['p90']:.0f} max={st['max']:.0f} mean={st['mean']:.0f}", file=out)
         if len(s["by_profile"]) > 1:
             _split("profile:", s["by_profile"], n, out)
+        if s["disaggregation"]:
+            _split("P/D decision:", s["disaggregation"], n, out)
+            _split("prefill endpoint (disaggregated requests):", s["prefill_endpoint"], sum(s["prefill_endpoint"].values()), out)
+            for k, st in s["prompt_tokens_by_disaggregation"].items():
+                print(f"  {k:15} prompt tokens p50={st['p50']:.0f} p90={st['p90']:.0f} max={st['max']:.0f}", file=out)
     if nf:
         _split("failures by code:", s["failures"], nf, out)
     if s["filters_removing"]:

@@ -23,10 +23,13 @@ def level_for_verbosity(verbosity: int) -> int:
     return logging.DEBUG if verbosity >= 3 else logging.INFO
 
 
-def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = None, component: str | None = None) -> None:
+def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = None, component: str | None = None,
+                      level: int | None = None, console: bool = False) -> None:
     """Route structlog to `stream` (default stderr) as one JSON object per line.
 
     Every event has `ts` (ISO-8601 UTC), `level` and `msg`; `component` is added when given.
+    `level` overrides the verbosity's level; `console` renders human-readable lines instead of JSON
+    (the Go EPP's --zap-encoder=console).
     """
     out = stream if stream is not None else sys.stderr
     binary = getattr(out, "buffer", None)
@@ -40,15 +43,18 @@ def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = N
     ]
     if component:
         processors.insert(0, _add_component(component))
-    if binary is None and isinstance(out, io.TextIOBase):
+    if console:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        factory: Any = structlog.PrintLoggerFactory(out)
+    elif binary is None and isinstance(out, io.TextIOBase):
         processors.append(structlog.processors.JSONRenderer(serializer=lambda o, **kw: _orjson_dumps(o).decode()))
-        factory: Any = structlog.PrintLoggerFactory(target)
+        factory = structlog.PrintLoggerFactory(target)
     else:
         processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
         factory = structlog.BytesLoggerFactory(target)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
+        wrapper_class=structlog.make_filtering_bound_logger(level if level is not None else level_for_verbosity(verbosity)),
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
@@ -64,3 +70,25 @@ def _add_component(component: str):
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name) if name else structlog.get_logger()
+
+
+class _ToStructlog(logging.Handler):
+    """Stdlib records (gRPC's own) as structlog events, so they reach the same JSON log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            getattr(log, record.levelname.lower(), log.error)(record.getMessage(), **fields)
+        except Exception:  # a logging failure must never break the caller
+            self.handleError(record)
+
+
+def forward_stdlib_logger(name: str, level: int = logging.WARNING) -> None:
+    """Send a library's stdlib logger (e.g. `grpc`, which has only a NullHandler) to our log, once."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog(level))
+        logger.setLevel(min(logger.level or level, level))

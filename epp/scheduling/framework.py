@@ -28,18 +28,29 @@ class LLMRequest:
     body_size: int = 0
     max_tokens: int | None = None  # requested output budget, if any
     prompt_text: str = ""  # the flattened user input (for prefix hashing); may be truncated
+    priority: int = 0  # from the request's InferenceObjective; negative = sheddable
+    fairness_id: str = "default-flow"  # flow-control flow (x-llm-d-inference-fairness-id)
+
+
+# CycleState keys that plugins of different kinds share (so none of them imports another).
+STAGE_KEY = "disagg-stage"  # "decode" | "prefill" | "encode": the stage whose profile runs now (disagg handlers)
+PEER_ENDPOINT_KEY = "peer-endpoint"  # the endpoint an earlier stage picked (llm-d's peer-endpoint attribute)
+PREFIX_MATCH_KEY = "prefix-cache-match"  # endpoint key -> prompt tokens already cached there (prefix producers)
 
 
 class CycleState:
     """Scratch space shared by the plugins of one scheduling cycle (one request)."""
 
-    __slots__ = ("_data", "notes")
+    __slots__ = ("_data", "notes", "candidates")
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: Sequence[Endpoint] = ()) -> None:
         self._data: dict[str, Any] = {}
         # Free-form, per-plugin notes that end up in the "Scoring decision" log event
         # (e.g. {"transfer-bandwidth-scorer": {"no_profile": ["ep-a"]}}).
         self.notes: dict[str, Any] = {}
+        # Every endpoint the cycle started from: a pair-aware plugin in one profile looks at the
+        # endpoints another profile will choose from (a decode's possible prefill peers).
+        self.candidates: Sequence[Endpoint] = candidates
 
     def read(self, key: str, default: Any = None) -> Any:
         return self._data.get(key, default)
@@ -133,6 +144,11 @@ class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult]
     notes: dict[str, Any] = field(default_factory=dict)  # CycleState.notes of the cycle (for the decision log)
+    # Headers the EPP adds to the forwarded request, written by PreRequest plugins (e.g. the
+    # disagg handler's x-prefiller-host-port). The destination header is the handler's alone.
+    request_headers: dict[str, str] = field(default_factory=dict)
+    # Disaggregation stage -> the profile that served it ({"decode": "decode", "prefill": "prefill"}).
+    stages: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # endpoint key -> why endpoint health left it out
     health_panic: bool = False  # too few healthy endpoints: all candidates were used (Envoy's panic mode)
 
@@ -143,6 +159,11 @@ class SchedulingResult:
     @property
     def targets(self) -> list[Endpoint]:
         return self.primary.targets
+
+    def stage_target(self, stage: str) -> Endpoint | None:
+        """The first pick of a disaggregation stage ("prefill", "encode", …), if that stage ran and picked one."""
+        run = self.profile_results.get(self.stages.get(stage, ""))
+        return run.targets[0] if run is not None and run.targets else None
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from epp.scheduling.framework import ConfigError, Plugin
 from epp.util.duration import parse_duration
@@ -18,7 +18,19 @@ from epp.util.duration import parse_duration
 ENTRY_POINT_GROUP = "inference_epp.plugins"
 # Plugin modules shipped with the project; used when the distribution is not installed
 # (running from a source checkout) so entry points are missing.
-BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "epp.health.plugin", "filters", "scorers")
+BUILTIN_PLUGIN_MODULES = (
+    "epp.scheduling.pickers",
+    "epp.scheduling.profile_handlers",
+    "epp.endpoint_health.plugin",
+    "epp.requesthandling.parsers",
+    "epp.datalayer.sources",
+    "epp.datalayer.inflight_load",
+    "epp.flowcontrol.saturation_detectors",
+    "epp.flowcontrol.policies",
+    "filters",
+    "scorers",
+    "disaggregation",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +49,20 @@ class Registration:
     type_name: str
     factory: Factory
     deprecated_alias_of: str | None = None
+    experimental: bool = False  # llm-d's "alpha": loads only with --allow-experimental-plugins
 
 
 _REGISTRY: dict[str, Registration] = {}
 _loaded = False
 
 
-def register(type_name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+def register(type_name: str, *, aliases: tuple[str, ...] = (), experimental: bool = False) -> Callable[[Factory], Factory]:
     """Register a factory `(name, parameters, context) -> plugin` under `type_name` (and aliases)."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[type_name] = Registration(type_name, factory)
+        _REGISTRY[type_name] = Registration(type_name, factory, experimental=experimental)
         for alias in aliases:
-            _REGISTRY[alias] = Registration(alias, factory, deprecated_alias_of=type_name)
+            _REGISTRY[alias] = Registration(alias, factory, deprecated_alias_of=type_name, experimental=experimental)
         return factory
 
     return deco
@@ -68,6 +81,11 @@ def load_plugins() -> None:
         if mod not in seen:
             importlib.import_module(mod)
     _loaded = True
+
+
+def registered(type_name: str) -> Registration | None:
+    load_plugins()
+    return _REGISTRY.get(type_name)
 
 
 def lookup(type_name: str) -> Registration:
@@ -99,3 +117,13 @@ def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, de
     if seconds <= 0:
         raise ConfigError(f"plugin {plugin!r}: {field} must be positive, got {parameters.get(field)!r}")
     return seconds
+
+
+def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A ConfigError naming every parameter the plugin does not have: nothing in a config is silently ignored."""
+    known = set(known)
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ConfigError(
+            f"plugin {plugin!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+        )

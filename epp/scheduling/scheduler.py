@@ -62,7 +62,7 @@ class Scheduler:
     def schedule(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
         if not candidates:
             raise SchedulingError("ServiceUnavailable", NO_CANDIDATES)
-        state = CycleState()
+        state = CycleState(candidates)
         results: dict[str, ProfileRunResult] = {}
         obs = self.observer
         handler = self.profile_handler

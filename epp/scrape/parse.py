@@ -8,11 +8,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from epp.datastore.endpoint import EndpointMetrics, TransferProfile
 
+MAX_PEERS = 1024  # prefill peers one decode endpoint may publish link profiles for
+
 
 def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     profile: dict[int, float] = {}
+    links: dict[str, dict[int, tuple[float, str]]] = {}
     block_size = num_blocks = None
     block_tokens = block_bytes = None
     backend = ""
@@ -31,8 +34,13 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
                     pass
             elif name == "pdproxy_kv_transfer_profile_seconds":
                 try:
-                    profile[int(s.labels["blocks"])] = s.value
-                    backend = s.labels.get("kv_backend", backend)
+                    peer = s.labels.get("prefill")  # a decode sidecar's profile of the link from this prefill peer
+                    if peer:
+                        if peer in links or len(links) < MAX_PEERS:
+                            links.setdefault(peer, {})[int(s.labels["blocks"])] = (s.value, s.labels.get("kv_backend", ""))
+                    else:
+                        profile[int(s.labels["blocks"])] = s.value
+                        backend = s.labels.get("kv_backend", backend)
                 except (KeyError, ValueError):
                     pass
             elif name == "pdproxy_kv_block_tokens":
@@ -50,6 +58,13 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
     if profile:
         blocks = tuple(sorted(profile))
         transfer = TransferProfile(blocks, tuple(profile[b] for b in blocks), block_tokens or block_size or 16, block_bytes or 0, backend)
+    bt = block_tokens or block_size or 16
+    link_profiles = None
+    if links:
+        link_profiles = {}
+        for peer, pts in links.items():
+            blocks = tuple(sorted(pts))
+            link_profiles[peer] = TransferProfile(blocks, tuple(pts[b][0] for b in blocks), bt, block_bytes or 0, pts[blocks[0]][1])
     return EndpointMetrics(
         waiting=sums.get("vllm:num_requests_waiting"),
         running=sums.get("vllm:num_requests_running"),
@@ -60,5 +75,6 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         prefill_tokens_per_second=mean("pdproxy_prefill_tokens_per_second"),
         decode_seconds_per_token=mean("pdproxy_decode_seconds_per_token"),
         transfer_profile=transfer,
+        link_profiles=link_profiles,
         updated_at=time.monotonic() if now is None else now,
     )

@@ -97,7 +97,8 @@ async def test_client_cannot_choose_the_endpoint(epp):
         await s.close()
 
 
-async def test_model_rewrite_is_restored_in_response(epp):
+async def test_model_rewrite_is_restored_in_response(make_epp):
+    epp = await make_epp(trust_model_rewrite_header=True)
     s = EnvoyStream(epp.stub)
     res = await s.send_request(req_headers(**{"x-gateway-model-name-rewrite": "served-model"}), chat(model="alias"))
     assert json.loads(res.body)["model"] == "served-model"

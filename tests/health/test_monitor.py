@@ -5,9 +5,9 @@ import random
 import pytest
 
 from epp.datastore import Endpoint
-from epp.health import HealthMonitor, HealthPolicy, OutlierPolicy, ReadinessPolicy, parse_policy
-from epp.health import outcomes as oc
-from epp.health.readiness import Verdict
+from epp.endpoint_health import HealthMonitor, HealthPolicy, OutlierPolicy, ReadinessPolicy, parse_policy
+from epp.endpoint_health import outcomes as oc
+from epp.endpoint_health.readiness import Verdict
 from epp.scheduling.framework import ConfigError, LLMRequest, ProfileRunResult, SchedulingResult
 
 

@@ -95,3 +95,32 @@ def test_predicted_latency_forgets_held_bookings_of_a_removed_endpoint():
     assert len(s._held) == 1
     s.forget_endpoint(dead)
     assert s._held == [] and "dead" not in s._flights
+
+
+def test_pair_latency_routes_learn_only_from_successes(tmp_path):
+    """The P/D pair model (pd-pair-latency-scorer, cost-based decider): a failed request keeps its seat, its route slows."""
+    from tests.disagg.conftest import Built, request, seed_cluster
+    from tests.disagg.test_links import write_links
+    from tests.disagg.test_pair_latency import PAIRED
+
+    b = Built(PAIRED.format(file=write_links(tmp_path), extra="", decider=""), [e for e in seed_cluster() if e.name in ("prefill-a", "decode-a")])
+    model = b.plugins["pd-pair-latency-scorer"].pair_model
+    clock = [1000.0]
+    model.clock = lambda: clock[0]
+    failed = []
+    for i in range(3):  # each fails a millisecond after it was routed
+        r = request(2000, f"f{i}", max_tokens=200)
+        result = b.route(r)
+        clock[0] += 0.001
+        b.done(r, result, "error")
+        failed.append(result)
+    routes = model._calibration  # route -> (calibration, when): each failure pulled its route 30% of the way to 3
+    assert routes and all(value >= 1.6 - 1e-9 for value, _ in routes.values())
+    assert model.booked() == 0 and sum(len(v) for v in model._seats.values()) == 3  # released, but the seats stay
+    clock[0] += 60.0
+    b.route(request(100, "later", max_tokens=4))
+    assert sum(len(v) for v in model._seats.values()) == 1  # the held ones are gone once their predicted end passed
+    r = request(100, "ok", max_tokens=4)
+    result = b.route(r)
+    b.done(r, result, "client_error")
+    assert model.booked() == 1 and all(model.calibration(route) < 3.0 for route in routes)

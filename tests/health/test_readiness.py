@@ -5,8 +5,8 @@ import asyncio
 from aiohttp import web
 
 from epp.datastore import Endpoint
-from epp.health.policy import ReadinessPolicy
-from epp.health.readiness import ReadinessProber, judge, parse_instances
+from epp.endpoint_health.policy import ReadinessPolicy
+from epp.endpoint_health.readiness import ReadinessProber, judge, parse_instances
 from tests.conftest import async_wait_until, free_port
 
 

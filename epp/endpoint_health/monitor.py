@@ -32,11 +32,11 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from epp.datastore import Datastore, Endpoint
-from epp.health import outcomes as oc
-from epp.health import state as hs
-from epp.health.policy import HealthPolicy
-from epp.health.readiness import ReadinessProber, Verdict
-from epp.health.state import EndpointHealth
+from epp.endpoint_health import outcomes as oc
+from epp.endpoint_health import state as hs
+from epp.endpoint_health.policy import HealthPolicy
+from epp.endpoint_health.readiness import ReadinessProber, Verdict
+from epp.endpoint_health.state import EndpointHealth
 from epp.observability.logging import get_logger
 
 TTFB_ALPHA = 0.2
@@ -70,7 +70,7 @@ class HealthMonitor:
         self._datastore: Datastore | None = None
         self.prober: ReadinessProber | None = None
         self._tasks: list[asyncio.Task] = []
-        self.log = get_logger("epp.health")
+        self.log = get_logger("epp.endpoint_health")
 
     # -- the gate (hot path) ----------------------------------------------------------------------
     def admit(self, endpoints: Sequence[Endpoint]) -> Admission:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 
 from epp.datastore import Endpoint
-from epp.health.policy import ReadinessPolicy
+from epp.endpoint_health.policy import ReadinessPolicy
 
 ROLES = ("prefill", "decode")
 MAX_BODY = 64 * 1024

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from epp.health.monitor import HealthMonitor
-from epp.health.policy import parse_policy
+from epp.endpoint_health.monitor import HealthMonitor
+from epp.endpoint_health.policy import parse_policy
 from epp.scheduling.registry import PluginContext, register
 
 

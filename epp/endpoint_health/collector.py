@@ -10,8 +10,8 @@ from typing import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from epp.health.monitor import HealthMonitor
-from epp.health.state import STATES
+from epp.endpoint_health.monitor import HealthMonitor
+from epp.endpoint_health.state import STATES
 
 PREFIX = "inference_epp_endpoint_"
 
