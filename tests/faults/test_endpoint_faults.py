@@ -42,17 +42,17 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     ports = StackPorts(free_port(), free_port(), free_port(), free_port())
     s = LocalStack(Topology(profile_kv_transfer=False), "round-robin", root / "stack", ports)
-    # two lone simulators as extra endpoints: one that never answers, one that answers 500 at once (their /health says 200)
     extra = ProcessGroup(root / "extra-logs")
-    s.sick = {}
-    for name, fault in (("hanging-sim", "--hang-rate"), ("failing-sim", "--error-rate")):
-        port = free_port()
-        extra.start(name, ["vllm_sim.cli", "--role", "both", "--port", str(port), fault, "1.0", "--decode-ms-per-token", "2"])
-        s.sick[name] = port
+    s.sick, s.sick_procs = {}, extra
     try:
         s.start(progress=lambda m: None)
-        for child in extra.children:
-            extra.wait_http(child, f"http://127.0.0.1:{s.sick[child.name]}/health", timeout=90)
+        # two lone simulators as extra endpoints: one that never answers, one that answers 500 at once (their /health
+        # says 200). Started once the stack listens, so that no free port is handed out twice; they come up while
+        # the first tests run and are waited for where they are used.
+        for name, fault in (("hanging-sim", "--hang-rate"), ("failing-sim", "--error-rate")):
+            port = free_port()
+            extra.start(name, ["vllm_sim.cli", "--role", "both", "--port", str(port), fault, "1.0", "--decode-ms-per-token", "2"])
+            s.sick[name] = port
         yield s
     finally:
         s.stop()
@@ -160,6 +160,8 @@ def with_sick_endpoint(stack: LocalStack, name: str, tmp_path: Path, monkeypatch
     profiles.mkdir()
     (profiles / "fast-faults.yaml").write_text("plugins:" + FAST_HEALTH)
     monkeypatch.setenv("EPP_PROFILES_DIR", str(profiles))
+    child = next(c for c in stack.sick_procs.children if c.name == name)
+    stack.sick_procs.wait_http(child, f"http://127.0.0.1:{stack.sick[name]}/health", timeout=90)
     stack.proxies.append(ProxyInfo(name, "sick", stack.sick[name], 0, 0))
     stack.write_endpoints()
     stack.start_epp("fast-faults")
