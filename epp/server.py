@@ -26,6 +26,7 @@ from epp.extproc.director import Director
 from epp.extproc.service import DEFAULT_MAX_BODY, ExternalProcessor
 from epp.observability.logging import get_logger
 from epp.observability.metrics import EPPMetrics
+from epp.scheduling.framework import Background
 from epp.scheduling.registry import PluginContext
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -101,6 +102,8 @@ class EPPServer:
         await self._health_grpc.start()
         self.ports["metrics"] = await self._start_metrics(o.metrics_port)
         await self._start_discovery()
+        for plugin in self._background_plugins():
+            plugin.start_background(self.datastore)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
         # Everything built so far lives as long as the process: keep it out of the collector's scans,
         # and collect young objects less often (each request allocates a few hundred short-lived ones).
@@ -126,6 +129,8 @@ class EPPServer:
                 await t
         if self.scraper is not None:
             await self.scraper.stop()
+        for plugin in self._background_plugins():
+            plugin.stop_background()
         await self._set_health(False)
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -193,6 +198,9 @@ class EPPServer:
                 self.datastore, interval=o.refresh_metrics_interval, staleness=o.metrics_staleness_threshold
             )
             await self.scraper.start()
+
+    def _background_plugins(self) -> list[Background]:
+        return [p for p in self.built.plugins.values() if isinstance(p, Background)]
 
     def scraper_wanted(self) -> bool:
         """Scrape only when a configured plugin reads endpoint metrics (saves work for load-only profiles)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -59,9 +60,12 @@ class Engine:
         self.used_blocks -= blocks
         self._slots.release()
 
-    async def prefill(self, prompt_tokens: int) -> None:
+    async def prefill(self, prompt_tokens: int, cached: Callable[[], int] | None = None) -> int:
+        """Prefill in turn; `cached()`, asked when the turn comes, gives the prompt tokens the prefix cache holds."""
         async with self._prefill_lock:
-            await asyncio.sleep(self.model.prefill_seconds(prompt_tokens))
+            hit = cached() if cached is not None else 0
+            await asyncio.sleep(self.model.prefill_seconds(max(1, prompt_tokens - hit) if hit else prompt_tokens))
+            return hit
 
     async def next_token(self) -> None:
         await asyncio.sleep(self.model.token_seconds(self.running))

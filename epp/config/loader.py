@@ -231,12 +231,16 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
                     field_path = ("plugins", i, "parameters", key)  # point at the offending parameter's line
                     break
             raise cfg.error(field_path, text) from None
+    try:
+        registry.link_producers(instances, ctx)  # consumers find (or get) their data producers
+    except ConfigError as e:
+        raise cfg.error(("plugins",), str(e)) from None
     handlers = [p for p in instances.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise cfg.error(("plugins",), f"only one profile handler may be configured, found {[h.name for h in handlers]}")
     handler = handlers[0] if handlers else registry.create("single-profile-handler", "single-profile-handler", {}, ctx)
     raw_profiles = cfg.data.get("schedulingProfiles") or [
-        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if not isinstance(p, ProfileHandler)]}
+        {"name": "default", "plugins": [{"pluginRef": n} for n, p in instances.items() if isinstance(p, (Filter, Scorer, Picker))]}
     ]
     profiles: dict[str, SchedulerProfile] = {}
     for i, rp in enumerate(raw_profiles):

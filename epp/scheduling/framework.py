@@ -133,6 +133,7 @@ class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult]
     notes: dict[str, Any] = field(default_factory=dict)  # CycleState.notes of the cycle (for the decision log)
+    state: CycleState | None = None  # the cycle's scratch space, so PreRequest hooks see what producers computed
 
     @property
     def primary(self) -> ProfileRunResult:
@@ -161,6 +162,44 @@ class ProfileHandler(Plugin, Protocol):
 
 
 # -- request lifecycle hooks (optional; a plugin implementing them is called automatically) ----
+
+
+@runtime_checkable
+class DataProducer(Plugin, Protocol):
+    def produce(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Called once per cycle before any profile runs (llm-d's PrepareRequestData), with every candidate.
+
+        Leaves per-endpoint data in `state` for filters and scorers (e.g. prefix-cache matches).
+        A producer with `produce_order` < 10 runs before the others (token producers use 0).
+        """
+        ...
+
+
+@runtime_checkable
+class Background(Protocol):
+    """A plugin with work outside the request path (e.g. a KV-event subscriber thread).
+
+    The running EPP starts it once endpoints are being discovered and stops it on shutdown;
+    building a config (`epp profiles validate`, tests) never does.
+    """
+
+    def start_background(self, datastore: Any) -> None: ...
+
+    def stop_background(self) -> None: ...
+
+
+@runtime_checkable
+class ProducerConsumer(Protocol):
+    """A plugin that reads a producer's data and finds its producer when the config is built.
+
+    `producer_wanted()` gives (producer type, instance name or None, parameters or None): a named
+    instance must exist; without a name the first configured producer of that type is used, or
+    one is created (with the parameters, if any) when none is configured, as llm-d does.
+    """
+
+    def producer_wanted(self) -> tuple[str, str | None, Mapping[str, Any] | None]: ...
+
+    def bind_producer(self, producer: Any) -> None: ...
 
 
 @runtime_checkable

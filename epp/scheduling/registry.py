@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
-from epp.scheduling.framework import ConfigError, Plugin
+from epp.scheduling.framework import ConfigError, Plugin, ProducerConsumer
 from epp.util.duration import parse_duration
 
 ENTRY_POINT_GROUP = "inference_epp.plugins"
 # Plugin modules shipped with the project; used when the distribution is not installed
 # (running from a source checkout) so entry points are missing.
-BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "filters", "scorers")
+BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "filters", "scorers", "producers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +99,42 @@ def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, de
     if seconds <= 0:
         raise ConfigError(f"plugin {plugin!r}: {field} must be positive, got {parameters.get(field)!r}")
     return seconds
+
+
+def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:
+    """Bind every producer consumer to its producer, creating missing ones; returns the names created.
+
+    Created producers join `instances` (named by their type, or `<consumer>-producer` when the
+    consumer brought its own parameters), so the scheduler calls their hooks like any other.
+    """
+    created: list[str] = []
+    for name, plugin in list(instances.items()):
+        if not isinstance(plugin, ProducerConsumer):
+            continue
+        ptype, wanted, params = plugin.producer_wanted()
+        if wanted:
+            producer = instances.get(wanted)
+            if producer is None:
+                raise ConfigError(f"plugin {name!r}: no plugin named {wanted!r} to read data from; defined: {', '.join(sorted(instances))}")
+            if getattr(producer, "type_name", None) not in _compatible(ptype):
+                raise ConfigError(f"plugin {name!r}: {wanted!r} is a {getattr(producer, 'type_name', '?')}, not a {ptype}")
+        else:
+            found = [p for p in instances.values() if getattr(p, "type_name", None) == ptype]
+            if found and params:
+                raise ConfigError(f"plugin {name!r}: its parameters {sorted(params)} belong to {found[0].name!r} "
+                                  f"({ptype}); move them there")
+            if found:
+                producer = found[0]
+            else:
+                pname = f"{name}-producer" if params else ptype
+                producer = create(ptype, pname, params, ctx)
+                instances[pname] = producer
+                created.append(pname)
+        plugin.bind_producer(producer)
+    return created
+
+
+def _compatible(producer_type: str) -> tuple[str, ...]:
+    """A consumer of prefix matches reads any prefix-cache producer, as llm-d's data keys allow."""
+    prefix = ("approx-prefix-cache-producer", "precise-prefix-cache-producer")
+    return prefix if producer_type in prefix else (producer_type,)
