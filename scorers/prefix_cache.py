@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
 from epp.scheduling.attributes import PREFIX_MATCH_KEY, get
-from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
+from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, ProducerWanted
 from epp.scheduling.params import Params
 from epp.scheduling.registry import PluginContext, register
 
@@ -47,8 +47,8 @@ class PrefixCacheScorer:
         self.scale = match_length_scale_tokens
         self.producer = producer_name  # bound when the config is built
 
-    def producer_wanted(self) -> tuple[str, str | None, Mapping[str, Any] | None]:
-        return self.producer_type, self.producer_name or None, self.producer_params
+    def producer_wanted(self) -> ProducerWanted:
+        return ProducerWanted(self.producer_type, self.producer_name or None, self.producer_params)
 
     def bind_producer(self, producer: Any) -> None:
         self.producer = producer.name

@@ -60,6 +60,10 @@ class EndpointMetrics:
     prefill_tokens_per_second: float | None = None  # measured prefill speed, if exported
     decode_seconds_per_token: float | None = None  # measured inter-token latency, if exported
     transfer_profile: TransferProfile | None = None
+    # vllm:lora_requests_info (its latest series): adapters running / waiting, and the adapter slots
+    running_loras: frozenset[str] | None = None
+    waiting_loras: frozenset[str] | None = None
+    max_loras: int | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
     error: str | None = None  # last scrape error, if the last attempt failed
 

@@ -188,16 +188,25 @@ class Background(Protocol):
     def stop_background(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProducerWanted:
+    """What a consumer reads: a producer type, and optionally which instance and with which parameters."""
+
+    type: str
+    name: str | None = None  # a producer instance, or another consumer whose producer to share
+    parameters: Mapping[str, Any] | None = None  # for the producer created when none is configured
+    name_optional: bool = False  # a defaulted name: if no plugin has it, resolve as if no name was given
+
+
 @runtime_checkable
 class ProducerConsumer(Protocol):
-    """A plugin that reads a producer's data and finds its producer when the config is built.
+    """A plugin that reads a producer's data; the config builder binds it to its producer.
 
-    `producer_wanted()` gives (producer type, instance name or None, parameters or None): a named
-    instance must exist; without a name the first configured producer of that type is used, or
-    one is created (with the parameters, if any) when none is configured, as llm-d does.
+    A named instance must exist; without a name the first configured producer of the type is
+    used, or one is created (with the consumer's parameters, if any), as llm-d does.
     """
 
-    def producer_wanted(self) -> tuple[str, str | None, Mapping[str, Any] | None]: ...
+    def producer_wanted(self) -> ProducerWanted: ...
 
     def bind_producer(self, producer: Any) -> None: ...
 

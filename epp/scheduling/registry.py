@@ -108,33 +108,46 @@ def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:
     consumer brought its own parameters), so the scheduler calls their hooks like any other.
     """
     created: list[str] = []
-    for name, plugin in list(instances.items()):
-        if not isinstance(plugin, ProducerConsumer):
-            continue
-        ptype, wanted, params = plugin.producer_wanted()
-        if wanted:
-            producer = instances.get(wanted)
-            if producer is None:
-                raise ConfigError(f"plugin {name!r}: no plugin named {wanted!r} to read data from; defined: {', '.join(sorted(instances))}")
-            if getattr(producer, "type_name", None) not in _compatible(ptype):
-                raise ConfigError(f"plugin {name!r}: {wanted!r} is a {getattr(producer, 'type_name', '?')}, not a {ptype}")
+    bound: dict[str, Any] = {}
+
+    def resolve(name: str, plugin: Any, seen: tuple[str, ...]) -> Any:
+        if name in bound:
+            return bound[name]
+        if name in seen:
+            raise ConfigError(f"plugin {name!r}: producer references form a cycle: {' -> '.join((*seen, name))}")
+        want = plugin.producer_wanted()
+        target = instances.get(want.name) if want.name else None
+        if want.name and target is None and not want.name_optional:
+            raise ConfigError(f"plugin {name!r}: no plugin named {want.name!r} to read data from; defined: {', '.join(sorted(instances))}")
+        if target is not None and isinstance(target, ProducerConsumer):
+            producer = resolve(want.name, target, (*seen, name))  # share that consumer's producer
+        elif target is not None:
+            if getattr(target, "type_name", None) not in _compatible(want.type):
+                raise ConfigError(f"plugin {name!r}: {want.name!r} is a {getattr(target, 'type_name', '?')}, not a {want.type}")
+            producer = target
         else:
-            found = [p for p in instances.values() if getattr(p, "type_name", None) == ptype]
-            if found and params:
-                raise ConfigError(f"plugin {name!r}: its parameters {sorted(params)} belong to {found[0].name!r} "
-                                  f"({ptype}); move them there")
+            found = [p for p in instances.values() if getattr(p, "type_name", None) == want.type]
+            if found and want.parameters:
+                raise ConfigError(f"plugin {name!r}: its parameters {sorted(want.parameters)} belong to {found[0].name!r} "
+                                  f"({want.type}); move them there")
             if found:
                 producer = found[0]
             else:
-                pname = f"{name}-producer" if params else ptype
-                producer = create(ptype, pname, params, ctx)
+                pname = f"{name}-producer" if want.parameters else want.type
+                producer = create(want.type, pname, want.parameters, ctx)
                 instances[pname] = producer
                 created.append(pname)
         plugin.bind_producer(producer)
+        bound[name] = producer
+        return producer
+
+    for name, plugin in list(instances.items()):
+        if isinstance(plugin, ProducerConsumer):
+            resolve(name, plugin, ())
     return created
 
 
 def _compatible(producer_type: str) -> tuple[str, ...]:
-    """A consumer of prefix matches reads any prefix-cache producer, as llm-d's data keys allow."""
+    """A consumer of prefix matches may name any prefix-cache producer, as llm-d's data keys allow."""
     prefix = ("approx-prefix-cache-producer", "precise-prefix-cache-producer")
     return prefix if producer_type in prefix else (producer_type,)
