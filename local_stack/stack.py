@@ -135,10 +135,8 @@ class LocalStack:
                   "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
         d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_port), *common])
         # the prefill engine holds the prefix cache; its KV events name the pair's proxy, the EPP's endpoint
-        events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.ports.kv_events}",
-                  "topic": f"kv@127.0.0.1:{proxy_port}@{t.model}"}
         p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p),
-                                                 "--kv-events-config", json.dumps(events), *common])
+                                                 "--kv-events-config", json.dumps(self.kv_events_config(proxy_port)), *common])
         if b.transfer == "nccl":
             mode = ["--mode", "p2p-nccl", "--prefill", f"http://127.0.0.1:{http_p}=127.0.0.1:{free_port()}",
                     "--decode", f"http://127.0.0.1:{http_d}=127.0.0.1:{kv_port}"]
@@ -167,6 +165,11 @@ class LocalStack:
         ], env={"EPP_PROFILES_DIR": str(self._epp_profiles())})
         self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
         _wait_grpc_serving(self.epp, self.ports.grpc_health)
+
+    def kv_events_config(self, endpoint_port: int) -> dict:
+        """vLLM's `--kv-events-config` for an engine behind the endpoint on `endpoint_port` (simulated or real)."""
+        return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.ports.kv_events}",
+                "topic": f"kv@127.0.0.1:{endpoint_port}@{self.topology.model}"}
 
     def _epp_profiles(self) -> Path:
         """The named profiles, with any KV-events `zmqEndpoint` pointed at this stack's port (as a Helm chart would)."""

@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
     a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
+    a("--baseline", default="proxy-performance", help="profile the median table compares the others with (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if code != 0:
                 return code
             runs.append(run_dir)
-        print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name))
+        print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name, args.baseline))
         return 0
     profiles = [p.strip() for p in (args.compare_profiles or args.profile).split(",") if p.strip()]
     scens = scenarios(args.distribution, args.qps)
