@@ -193,6 +193,9 @@ class LocalStack:
                         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", method="POST"), timeout=5):
                             break
                     except urllib.error.HTTPError as e:
+                        if e.code == 404:
+                            raise RuntimeError(f"the engine on :{port} has no /reset_prefix_cache "
+                                               "(real vLLM serves it with VLLM_SERVER_DEV_MODE=1)") from None
                         if e.code != 409:
                             raise
                         time.sleep(0.2)

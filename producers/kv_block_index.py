@@ -12,7 +12,9 @@ thread while the scheduler reads.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
+from array import array
 from collections import OrderedDict
 from typing import Iterable, Mapping, Sequence
 
@@ -46,12 +48,15 @@ class TokenKeys:
         bs = self.block_size
         prefix = self.seed(model) if parent is None else parent
         out = []
+        if self.xxh:
+            raw = tokens.tobytes() if isinstance(tokens, array) and sys.byteorder == "little" else struct.pack(f"<{len(tokens)}I", *tokens)
+            step = bs * 4
+            for i in range(0, len(raw) - step + 1, step):
+                prefix = xxhash.xxh64_intdigest(_Q.pack(prefix) + raw[i:i + step])
+                out.append(prefix)
+            return out
         for i in range(0, len(tokens) - bs + 1, bs):
-            chunk = tokens[i:i + bs]
-            if self.xxh:
-                prefix = xxhash.xxh64_intdigest(_Q.pack(prefix) + struct.pack(f"<{bs}I", *chunk))
-            else:
-                prefix = _fnv(_cbor_array([prefix, list(chunk), None]))
+            prefix = _fnv(_cbor_array([prefix, list(tokens[i:i + bs]), None]))
             out.append(prefix)
         return out
 

@@ -13,7 +13,9 @@ read); events are tagged arrays (older vLLM) or tagged maps (current vLLM). A `B
 names its blocks by engine hashes and carries their token ids: the EPP recomputes its own keys
 from the tokens (chained from the parent block's key) so lookups by prompt find them. A sequence
 that goes backwards means the engine restarted: its pod is cleared. A malformed message is
-counted and dropped, never fatal; one message is capped at `MAX_MESSAGE_BYTES`.
+counted and dropped, never fatal; one message is capped at `MAX_MESSAGE_BYTES`; events naming a
+pod that is not one of the EPP's endpoints are dropped (they could fill memory, never steer a
+request), so an engine's first events may be lost if it publishes before discovery lists it.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class EventApplier:
         self.index = index
         self.keys = keys
         self.last_seq: dict[str, int] = {}
-        self.messages = self.malformed = self.gaps = self.restarts = 0
+        self.known_pods: set[str] | None = None  # endpoints' ip:port; None = accept every pod
+        self.messages = self.malformed = self.gaps = self.restarts = self.foreign = 0
 
     def apply(self, topic: bytes, seq: bytes, payload: bytes, source_pod: str | None = None) -> None:
         parts = topic.decode(errors="replace").split("@")
@@ -111,6 +114,11 @@ class EventApplier:
         if source_pod:
             pod = source_pod
         self.messages += 1
+        if self.known_pods is not None and pod not in self.known_pods:
+            self.foreign += 1  # not an endpoint of this pool: it could only fill memory, never steer a request
+            if self.foreign == 1 or self.foreign % 1000 == 0:
+                log.warning("KV events from a pod that is not an endpoint dropped", pod=pod, dropped=self.foreign)
+            return
         try:
             self._sequence(pod, int.from_bytes(seq[:8], "big"))
             batch = self._unpack(payload, raw=False, strict_map_key=False)
@@ -202,8 +210,10 @@ class KVEventsSubscriber:
                     if bound is not None:
                         poller.register(bound, zmq.POLLIN)
                         pods[bound] = None
-                if self.cfg.discover_pods and self.endpoints is not None and now >= next_sync:
-                    self._sync(ctx, zmq, poller, pods, by_pod)
+                if self.endpoints is not None and now >= next_sync:
+                    self.applier.known_pods = {e.hostport for e in self.endpoints()}
+                    if self.cfg.discover_pods:
+                        self._sync(ctx, zmq, poller, pods, by_pod)
                     next_sync = now + RESYNC_SECONDS
                 for sock, _ in poller.poll(200) if pods else ():
                     for _ in range(1000):  # bounded burst per socket, then look at the others

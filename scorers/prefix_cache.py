@@ -72,16 +72,17 @@ class PrefixCacheScorer:
 
 @register("prefix-cache-scorer")
 def _prefix(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> PrefixCacheScorer:
+    mode = (parameters or {}).get("mode", "estimate")
+    if mode != "estimate":  # llm-d ≤ v0.5 sim configs: the precise cache inside this scorer, tokenizing in the EPP
+        raise ConfigError(f"plugin {name!r}: mode {mode!r} is llm-d's old in-scorer cache tracking; use precise-prefix-cache-producer "
+                          f"(tokenProcessorConfig, kvEventsConfig) with prefixMatchInfoProducerName, and a token-producer")
     p = Params(name, parameters, ("prefixMatchInfoProducerName", "matchLengthWeight", "matchLengthScaleTokens", *LEGACY))
     weight = p.number("matchLengthWeight", 0.0, lo=0.0, hi=1.0)
     scale = p.int("matchLengthScaleTokens", 8192)
     if weight > 0 and scale <= 0:
         raise p.error("matchLengthScaleTokens", f"must be > 0 when matchLengthWeight is > 0, got {scale}")
     legacy = {k: v for k, v in p.values.items() if k in LEGACY}
-    mode = legacy.pop("mode", "estimate")
-    if mode != "estimate":
-        raise p.error("mode", f"{mode!r} is llm-d v0.2's cache tracking; use precise-prefix-cache-scorer (or "
-                              f"precise-prefix-cache-producer with prefixMatchInfoProducerName)")
+    legacy.pop("mode", None)
     if "hashBlockSize" in legacy:  # GIE v1.0's name of blockSize
         legacy.setdefault("blockSize", legacy.pop("hashBlockSize"))
     producer = p.str("prefixMatchInfoProducerName")

@@ -234,7 +234,8 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
     try:
         registry.link_producers(instances, ctx)  # consumers find (or get) their data producers
     except ConfigError as e:
-        raise cfg.error(("plugins",), str(e)) from None
+        at = next((i for i, p in enumerate(cfg.data["plugins"]) if (p.get("name") or p["type"]) == getattr(e, "plugin", None)), None)
+        raise cfg.error(("plugins",) if at is None else ("plugins", at, "parameters"), str(e)) from None
     handlers = [p for p in instances.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise cfg.error(("plugins",), f"only one profile handler may be configured, found {[h.name for h in handlers]}")

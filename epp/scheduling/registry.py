@@ -143,7 +143,11 @@ def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:
 
     for name, plugin in list(instances.items()):
         if isinstance(plugin, ProducerConsumer):
-            resolve(name, plugin, ())
+            try:
+                resolve(name, plugin, ())
+            except ConfigError as e:
+                e.plugin = name  # type: ignore[attr-defined]  # the config loader points at this plugin's line
+                raise
     return created
 
 

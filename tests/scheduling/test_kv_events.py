@@ -208,3 +208,12 @@ def test_discovered_endpoints_get_a_subscription(applier):
     finally:
         sub.stop()
         pub.close(0)
+
+
+def test_events_of_pods_outside_the_pool_are_dropped(applier):
+    applier.known_pods = {"10.0.0.8:8000"}
+    applier.apply(TOPIC, seq(0), batch(stored([1], [1, 2, 3, 4])))
+    assert len(applier.index) == 0 and applier.foreign == 1
+    applier.known_pods.add(POD)
+    applier.apply(TOPIC, seq(1), batch(stored([1], [1, 2, 3, 4])))
+    assert len(applier.index) == 1

@@ -153,7 +153,7 @@ plugins:
     ("- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: nope}", "no plugin named 'nope'"),
     ("- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: queue-scorer}\n- type: queue-scorer", "is a queue-scorer"),
     ("- type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters: {lruCapacityPerServer: 5}", "move them there"),
-    ("- type: prefix-cache-scorer\n  parameters: {mode: cache_tracking}", "precise-prefix-cache-scorer"),
+    ("- type: prefix-cache-scorer\n  parameters: {mode: cache_tracking, kvEventsConfig: {}}", "precise-prefix-cache-producer"),
     ("- type: prefix-cache-scorer\n  parameters: {matchLengthWeight: 2}", r"matchLengthWeight must be a number in \[0.0, 1.0\]"),
     ("- type: approx-prefix-cache-producer\n  parameters: {blokSize: 5}", "unknown parameter"),
     ("- type: approx-prefix-cache-producer\n  parameters: {autoTune: false, blockSizeTokens: 0}", "must be > 0"),
