@@ -165,8 +165,8 @@ class Scheduler:
             self.observer(point, plugin.type_name, plugin.name, time.perf_counter() - t0)
 
     def describe(self) -> dict[str, Any]:
-        """The shape logged at startup (profile → filters, scorers with weights, picker)."""
-        return {
+        """The shape logged at startup (profile → filters, scorers with weights, picker; the data producers)."""
+        out: dict[str, Any] = {
             "profileHandler": self.profile_handler.name,
             "profiles": {
                 name: {
@@ -177,3 +177,6 @@ class Scheduler:
                 for name, p in self.profiles.items()
             },
         }
+        if self._producers:
+            out["producers"] = [p.name for p in self._producers]
+        return out
