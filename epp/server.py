@@ -35,6 +35,7 @@ from epp.health_server import ThreadedHealthServer
 from epp.observability.logging import forward_stdlib_logger, get_logger
 from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
+from epp.scheduling.framework import Background
 from epp.scheduling.registry import PluginContext
 from epp.tls import grpc_cipher_suites
 from epp.util import memory
@@ -165,6 +166,8 @@ class EPPServer:
         if o.ha_enable_leader_election:
             self._start_leader_election()
         await self._start_discovery()
+        for plugin in self._background_plugins():
+            plugin.start_background(self.datastore)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
         for warning in self.built.warnings:
             log.warning("Config", problem=warning)
@@ -212,6 +215,8 @@ class EPPServer:
                 await t
         if self.scraper is not None:
             await self.scraper.stop()
+        for plugin in self._background_plugins():
+            plugin.stop_background()
         if stopping is not None:
             await stopping
         if self._health_grpc is not None:
@@ -395,6 +400,9 @@ class EPPServer:
         self.scraper = MetricsScraper(self.datastore, interval=o.refresh_metrics_interval, staleness=o.metrics_staleness_threshold,
                                       url_for=url_for, verify_tls=not insecure)
         await self.scraper.start()
+
+    def _background_plugins(self) -> list[Background]:
+        return [p for p in self.built.plugins.values() if isinstance(p, Background)]
 
     def scraper_wanted(self) -> bool:
         """Scrape when something reads endpoint metrics (saves work for load-only profiles).

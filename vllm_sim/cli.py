@@ -12,6 +12,7 @@ from aiohttp import web
 
 from kv_transfer import KVShape, LinkModel
 from vllm_sim.engine import LatencyModel
+from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.kv_io import KVConfig
 from vllm_sim.server import Faults, SimConfig, Simulator
 
@@ -29,6 +30,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=32, help="running batch size; more requests wait")
     g.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV blocks for usage accounting")
     g.add_argument("--max-tokens", type=int, default=16, help="output tokens when the request does not say")
+    g = p.add_argument_group("prefix caching (as vLLM)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="cache full prompt blocks; a cached prefix is not prefilled again")
+    g.add_argument("--kv-events-config", default=None, metavar="JSON",
+                   help='publish KV-cache events over ZMQ, e.g. \'{"enable_kv_cache_events":true,"publisher":"zmq",'
+                        '"endpoint":"tcp://127.0.0.1:5557","topic":"kv@10.0.0.1:8000@MODEL"}\'')
     g = p.add_argument_group("KV transfer")
     g.add_argument("--kv-backend", choices=("nccl", "fs", "none"), default="none", help="how KV moves from prefill to decode")
     g.add_argument("--kv-port", type=int, default=0, help="decode (nccl): KV listen port named in P2P request ids")
@@ -53,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> SimConfig:
+    events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
+    if events is not None and not args.enable_prefix_caching:
+        raise ValueError("--kv-events-config needs prefix caching; drop --no-enable-prefix-caching")
     shape = KVShape(args.num_layers, args.num_kv_heads, args.head_dim, args.block_size, args.dtype)
     return SimConfig(
         model=args.model,
@@ -64,6 +74,8 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         faults=Faults(args.error_rate, args.hang_rate, args.die_after),
         seed=args.seed,
         default_max_tokens=args.max_tokens,
+        prefix_caching=args.enable_prefix_caching,
+        kv_events=events,
     )
 
 
@@ -94,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_backend == "nccl" and args.role == "decode" and not args.kv_port:
         print("vllm-sim: --kv-port is required for a decode instance with --kv-backend nccl", file=sys.stderr)
         return 2
-    asyncio.run(serve(config_from(args), args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
+    try:
+        cfg = config_from(args)
+    except ValueError as e:
+        print(f"vllm-sim: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(cfg, args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
     sys.stdout.flush()
     os._exit(0)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
 

@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from vllm_sim.engine import Engine, LatencyModel
+from vllm_sim.kv_events import KVEventPublisher, KVEventsConfig
 from vllm_sim.kv_io import KVConfig, KVSide
+from vllm_sim.prefix_cache import BlockPool, prompt_token_ids
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -36,17 +38,8 @@ class SimConfig:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     default_max_tokens: int = 16
-
-
-def estimate_tokens(body: dict) -> int:
-    if "messages" in body:
-        text = " ".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-    else:
-        p = body.get("prompt", "")
-        if isinstance(p, list) and p and isinstance(p[0], int):
-            return len(p)
-        text = p if isinstance(p, str) else " ".join(map(str, p))
-    return max(1, len(text) // 4)
+    prefix_caching: bool = True
+    kv_events: KVEventsConfig | None = None
 
 
 class Simulator:
@@ -72,6 +65,11 @@ class Simulator:
         self.c_success = Counter("vllm:request_success", "Finished requests.", (*labels, "finished_reason"), registry=r)
         self.g_cache_info.labels(str(cfg.latency.block_size), str(cfg.latency.num_gpu_blocks), "0").set(1)
         self._l = (cfg.model, "0")
+        self.events = KVEventPublisher(cfg.kv_events) if cfg.kv_events is not None else None
+        self.cache = (BlockPool(cfg.latency.num_gpu_blocks, cfg.latency.block_size, self.events.publish if self.events else None)
+                      if cfg.prefix_caching else None)
+        self.c_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r)
+        self.c_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -80,6 +78,7 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         return app
 
     # -- plain routes ---------------------------------------------------------------------------
@@ -89,6 +88,13 @@ class Simulator:
     async def health(self, request: web.Request) -> web.Response:
         if self.dead:
             return web.Response(status=503, text=f"engine dead: {self.dead}")
+        return web.Response(text="")
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if self.cache is None:
+            return web.Response(text="prefix caching is disabled")
+        if not self.cache.reset():
+            return self._error(409, "prefix cache not reset: running requests still hold blocks; retry when idle", "ConflictError")
         return web.Response(text="")
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -126,7 +132,8 @@ class Simulator:
         if roll < faults.error_rate + faults.hang_rate:
             await asyncio.Event().wait()  # until the client disconnects (aiohttp cancels the handler)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        prompt_tokens = estimate_tokens(body)
+        token_ids = prompt_token_ids(body)
+        prompt_tokens = max(1, len(token_ids))
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
         if self.cfg.role == "prefill":
             max_tokens = 1
@@ -136,6 +143,7 @@ class Simulator:
         await engine.admit()
         blocks = engine.blocks(prompt_tokens + int(max_tokens))
         engine.used_blocks += blocks
+        cache_key = uuid.uuid4().hex  # the client's request id may repeat; the block pool needs a unique one
         try:
             kv_wait = 0.0
             skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
@@ -148,7 +156,7 @@ class Simulator:
                 kv_wait = time.monotonic() - tk
                 self.h_kv_wait.labels(*self._l).observe(kv_wait)
             else:
-                await engine.prefill(prompt_tokens)
+                await self._prefill(token_ids, prompt_tokens, int(max_tokens), cache_key)
                 if self.cfg.role == "prefill":
                     try:
                         await self.kv.send(request_id, prompt_tokens)
@@ -172,6 +180,19 @@ class Simulator:
                                       "model": self.cfg.model, "choices": [choice], "usage": usage}, headers=headers)
         finally:
             engine.release(blocks)
+            if self.cache is not None:
+                self.cache.finish(cache_key)
+
+    async def _prefill(self, token_ids, prompt_tokens: int, max_tokens: int, cache_key: str) -> None:
+        """Prefill what the prefix cache does not hold; the new full blocks are cached when it ends."""
+        cache = self.cache
+        if cache is None:
+            await self.engine.prefill(prompt_tokens)
+            return
+        hit = await self.engine.prefill(prompt_tokens, lambda: cache.begin(cache_key, token_ids, max_tokens))
+        cache.stored(cache_key)
+        self.c_cache_queries.labels(*self._l).inc(len(token_ids))
+        self.c_cache_hits.labels(*self._l).inc(hit)
 
     async def _stream(self, request, ids, chat, max_tokens, prompt_tokens, t0, headers, body) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
