@@ -6,7 +6,8 @@ directory keyed by request). Both take a `LinkModel` so one machine can emulate 
 NVLink-vs-storage bandwidth ratio of a real cluster.
 """
 
+from kv_transfer.errors import KVTransferError
 from kv_transfer.kv_blocks import KVShape, make_kv, verify_kv
 from kv_transfer.link_model import LinkModel
 
-__all__ = ["KVShape", "LinkModel", "make_kv", "verify_kv"]
+__all__ = ["KVShape", "KVTransferError", "LinkModel", "make_kv", "verify_kv"]

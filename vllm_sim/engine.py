@@ -11,6 +11,8 @@ import asyncio
 import math
 from dataclasses import dataclass
 
+from vllm_sim.faults import EngineFaults
+
 
 @dataclass
 class LatencyModel:
@@ -33,6 +35,7 @@ class Engine:
 
     def __init__(self, model: LatencyModel) -> None:
         self.model = model
+        self.faults = EngineFaults()  # every wait below goes through it: death and hangs reach all requests
         self._slots = asyncio.Semaphore(model.max_num_seqs)
         self._prefill_lock = asyncio.Lock()
         self.running = 0
@@ -47,6 +50,7 @@ class Engine:
         return max(1, math.ceil(tokens / self.model.block_size))
 
     async def admit(self) -> None:
+        self.faults.check()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -61,7 +65,7 @@ class Engine:
 
     async def prefill(self, prompt_tokens: int) -> None:
         async with self._prefill_lock:
-            await asyncio.sleep(self.model.prefill_seconds(prompt_tokens))
+            await self.faults.sleep(self.model.prefill_seconds(prompt_tokens))
 
     async def next_token(self) -> None:
-        await asyncio.sleep(self.model.token_seconds(self.running))
+        await self.faults.sleep(self.model.token_seconds(self.running))
