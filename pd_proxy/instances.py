@@ -62,6 +62,7 @@ class InstanceHealth:
     last_progress: float = 0.0
     progress_mark: float | None = None  # the instance's token counters at the last scrape
     checking: bool = False  # a health probe is under way
+    slow_checks: int = 0  # health checks in a row that got no answer in time
 
 
 @dataclass(eq=False)
@@ -213,12 +214,17 @@ class HealthTracker:
         else:
             h.down = reason
 
-    def health_result(self, inst: Instance, ok: bool, reason: str = "") -> None:
+    def health_result(self, inst: Instance, ok: bool, reason: str = "", slow: bool = False) -> None:
+        """A /health answer. `slow`: none came in time — on a loaded machine that alone is not proof, so it takes two."""
         h = inst.health
         if not ok:
             h.failures["health"] += 1
-            self.mark_down(inst, reason)
-        elif h.down:
+            h.slow_checks = h.slow_checks + 1 if slow else 0
+            if not slow or h.slow_checks >= 2:
+                self.mark_down(inst, reason)
+            return
+        h.slow_checks = 0
+        if h.down:
             self.log(inst, f"back: /health passes after {self.clock() - h.down_since:.1f}s down ({h.down})")
             h.down, h.ejected_until, h.eject_reason, h.consecutive, h.probing = None, 0.0, "", 0, False
 

@@ -425,25 +425,26 @@ class PDProxy:
             return h.down is None
         h.checking = True
         try:
-            ok, reason = await self._probe(inst)
+            ok, reason, slow = await self._probe(inst)
         finally:
             h.checking = False
-        self.tracker.health_result(inst, ok, reason)
+        self.tracker.health_result(inst, ok, reason, slow)
         return ok
 
-    async def _probe(self, inst: Instance) -> tuple[bool, str]:
+    async def _probe(self, inst: Instance) -> tuple[bool, str, bool]:
+        """(passed, why not, whether it only failed by not answering in time)."""
         assert self.session is not None
         timeout = self.cfg.health.health_timeout
         try:
             async with self.session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
-                return r.status == 200, f"/health answered {r.status}"
+                return r.status == 200, f"/health answered {r.status}", False
         except aiohttp.ClientConnectorError as e:
-            return False, f"cannot connect: {_connect_reason(e)}"
+            return False, f"cannot connect: {_connect_reason(e)}", False
         except asyncio.TimeoutError:
-            return False, f"/health did not answer within {timeout:g}s"
+            return False, f"/health did not answer within {timeout:g}s", True
         except aiohttp.ClientError as e:
-            return False, f"/health failed: {_describe(e)}"
+            return False, f"/health failed: {_describe(e)}", False
 
     def _check_soon(self, inst: Instance) -> None:
         """After a failed call: ask the instance's /health now rather than at the next interval."""
