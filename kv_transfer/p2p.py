@@ -36,7 +36,8 @@ from kv_transfer.link_model import LinkModel
 HEADER_LEN = 320  # int64 slots: 0 magic, 1 id length, 2 blocks, 3 layers, 4 dtype, 5 ready_at µs, 64.. id bytes
 MAGIC = 0x4B5631
 _DTYPE_CODES = {name: i for i, name in enumerate(DTYPES)}
-DEFAULT_LINK_TIMEOUT = 30.0  # seconds: connecting, and each step of a transfer under way
+DEFAULT_LINK_TIMEOUT = 10.0  # seconds: connecting, and each step of a transfer under way
+_STORE_CONNECT = 2.0  # seconds TCPStore may retry a refused address (it retries until its timeout)
 _IDLE = datetime.timedelta(days=365)  # how long a link waits for its next transfer: idling is not a fault
 log = logging.getLogger("kv_transfer")
 
@@ -99,19 +100,39 @@ class P2PSender:
             return link, True
 
     def _connect(self, decode_addr: str) -> _Link:
+        """A new link, or KVTransferError within the link timeout.
+
+        A plain probe first (a refused address fails at once); then the store and the group in a
+        thread this one stops waiting for: a TCPStore client whose server accepted but never answers
+        (a process being killed, or stopped) blocks past its own timeout.
+        """
         host, _, port = decode_addr.rpartition(":")
-        timeout = datetime.timedelta(seconds=self.timeout)
-        try:  # a plain probe first: TCPStore would retry a refused address until its timeout
+        try:
             socket.create_connection((host, int(port)), timeout=min(self.timeout, 5.0)).close()
         except (OSError, ValueError) as e:
             raise KVTransferError(f"cannot reach decode KV address {decode_addr}: {getattr(e, 'strerror', None) or e}") from None
-        try:
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
-            index = store.add("peers", 1) - 1
-            pg = _process_group(dist.PrefixStore(f"peer{index}/", store), 0, self.device, timeout)
-        except (RuntimeError, ValueError) as e:  # torch's DistError is a RuntimeError
-            raise KVTransferError(f"cannot open a KV link to decode {decode_addr}: {short_reason(e)}") from None
-        return _Link(pg, store, threading.Lock())
+        result: dict = {}
+        done = threading.Event()
+
+        def open_link() -> None:
+            try:
+                store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                      timeout=datetime.timedelta(seconds=min(self.timeout, _STORE_CONNECT)))
+                store.set_timeout(datetime.timedelta(seconds=self.timeout))  # the rendezvous may take longer than connecting
+                index = store.add("peers", 1) - 1
+                pg = _process_group(dist.PrefixStore(f"peer{index}/", store), 0, self.device, datetime.timedelta(seconds=self.timeout))
+                result["link"] = _Link(pg, store, threading.Lock())
+            except (RuntimeError, ValueError) as e:  # torch's DistError is a RuntimeError
+                result["error"] = short_reason(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=open_link, name=f"kv-connect-{decode_addr}", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise KVTransferError(f"decode KV address {decode_addr} accepted the connection but did not answer within {self.timeout:g}s")
+        if "error" in result:
+            raise KVTransferError(f"cannot open a KV link to decode {decode_addr}: {result['error']}")
+        return result["link"]
 
     def _drop(self, decode_addr: str, link: _Link) -> None:
         with self._lock:

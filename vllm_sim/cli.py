@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-dir", default="/tmp/inference-epp-kv", help="fs: shared directory")
     g.add_argument("--kv-timeout", type=float, default=5.0,
                    help="decode: seconds for a request's KV to start arriving (the prefill delivers it before it answers)")
-    g.add_argument("--kv-link-timeout", type=float, default=30.0,
+    g.add_argument("--kv-link-timeout", type=float, default=10.0,
                    help="nccl: seconds to connect a KV link and for each step of a transfer under way (an idle link never times out)")
     g.add_argument("--proxy-heartbeat", default=None, metavar="HOST:PORT",
                    help="register with a P/D proxy by P2pNcclConnector heartbeats (vLLM's proxy_ip:proxy_port)")

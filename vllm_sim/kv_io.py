@@ -29,7 +29,7 @@ class KVConfig:
     link: LinkModel = None  # type: ignore[assignment]
     timeout: float = 5.0  # decode: seconds for a request's KV to start arriving (it is normally there before the request)
     device: str = "cpu"
-    link_timeout: float = 30.0  # nccl: connecting, and each step of a transfer under way
+    link_timeout: float = 10.0  # nccl: connecting, and each step of a transfer under way
 
 
 class KVSide:

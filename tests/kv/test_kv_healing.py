@@ -50,6 +50,23 @@ def test_unreachable_decode_fails_at_once():
     assert time.monotonic() - t0 < 2, "a refused address must not wait out the link timeout"
 
 
+def test_decode_address_that_accepts_but_never_answers_fails_within_the_link_timeout():
+    """A stopped or dying process's socket can accept and never answer; TCPStore alone would block forever."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # never accepts
+    addr = f"127.0.0.1:{listener.getsockname()[1]}"
+    sender = P2PSender(SHAPE, timeout=LINK_TIMEOUT)
+    for attempt in range(2):  # the stuck attempt holds no lock: the next one fails as fast
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferError, match=f"{addr} accepted the connection but did not answer within 1s"):
+            sender.send(addr, f"r{attempt}", make_kv("r", 1, SHAPE))
+        assert time.monotonic() - t0 < LINK_TIMEOUT + 1
+    listener.close()
+
+
 def test_transfer_that_breaks_off_fails_the_waiting_decode_at_once():
     """The header arrives, then the prefill stops: the waiting request fails within the link timeout, with the cause."""
 
