@@ -158,6 +158,9 @@ def test_prefill_and_proxy_killed_and_restarted(pd_pair, procs):
     pair = pd_pair("nccl", prefill_args=FAST_LINK, decode_args=FAST_LINK)
     proxy = pair["proxy"]
     assert post(proxy).status_code == 200
+    for url in (proxy, pair["decode"]):  # no aiohttp error pages anywhere: JSON errors
+        for r in (httpx.get(f"{url}/nope"), httpx.post(f"{url}/health")):
+            assert r.status_code in (404, 405) and r.json()["error"]["code"] == r.status_code, r.text
     pair.signal("prefill", signal.SIGKILL)
     r = fails_fast(proxy, 503)
     assert "prefill" in r.json()["error"]["message"]
