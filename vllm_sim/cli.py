@@ -1,4 +1,7 @@
-"""`vllm-sim`: run one simulated vLLM instance (prefill, decode or both)."""
+"""`vllm-sim`: run one simulated vLLM instance (prefill, decode or both).
+
+Signals: SIGUSR1 kills the engine now (the seed's IndexError → EngineDeadError), SIGUSR2 hangs it.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-backend", choices=("nccl", "fs", "none"), default="none", help="how KV moves from prefill to decode")
     g.add_argument("--kv-port", type=int, default=0, help="decode (nccl): KV listen port named in P2P request ids")
     g.add_argument("--kv-dir", default="/tmp/inference-epp-kv", help="fs: shared directory")
-    g.add_argument("--kv-timeout", type=float, default=30.0, help="decode: seconds to wait for a request's KV")
+    g.add_argument("--kv-timeout", type=float, default=5.0,
+                   help="decode: seconds for a request's KV to start arriving (the prefill delivers it before it answers)")
+    g.add_argument("--kv-link-timeout", type=float, default=10.0,
+                   help="nccl: seconds to connect a KV link and for each step of a transfer under way (an idle link never times out)")
     g.add_argument("--proxy-heartbeat", default=None, metavar="HOST:PORT",
                    help="register with a P/D proxy by P2pNcclConnector heartbeats (vLLM's proxy_ip:proxy_port)")
     g.add_argument("--heartbeat-interval", type=float, default=3.0, help="seconds between heartbeats")
@@ -54,7 +60,15 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("failure injection")
     g.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500")
     g.add_argument("--hang-rate", type=float, default=0.0, help="share of requests that never answer")
-    g.add_argument("--die-after", type=int, default=0, help="decode engine dies on this request number (0 = never)")
+    g.add_argument("--die-after", type=int, default=0,
+                   help="the engine dies (IndexError → EngineDeadError) on this request number: running requests fail, "
+                        "/health answers 503 (0 = never; SIGUSR1 = now)")
+    g.add_argument("--hang-after", type=int, default=0,
+                   help="the engine hangs on this request number: nothing progresses, /health still 200 (0 = never; SIGUSR2 = now)")
+    g.add_argument("--keep-alive-on-engine-death", action="store_true",
+                   default=os.environ.get("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "").lower() in ("1", "true"),
+                   help="stay up answering 500 after the engine died, instead of exiting after vLLM's 5 s watchdog "
+                        "(vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, read from the environment)")
     g.add_argument("--seed", type=int, default=0, help="random seed (deterministic faults)")
     return p
 
@@ -70,8 +84,9 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         latency=LatencyModel(args.prefill_tokens_per_second, args.decode_ms_per_token, args.batch_slowdown, args.max_num_seqs,
                              args.num_gpu_blocks, args.block_size),
         kv=KVConfig(args.kv_backend, shape, args.host, args.kv_port, args.kv_dir, LinkModel.from_gbps(args.link_gbps, args.link_latency_ms)
-                    if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout),
-        faults=Faults(args.error_rate, args.hang_rate, args.die_after),
+                    if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout,
+                    link_timeout=args.kv_link_timeout),
+        faults=Faults(args.error_rate, args.hang_rate, args.die_after, args.hang_after, args.keep_alive_on_engine_death),
         seed=args.seed,
         default_max_tokens=args.max_tokens,
         prefix_caching=args.enable_prefix_caching,
@@ -79,7 +94,8 @@ def config_from(args: argparse.Namespace) -> SimConfig:
     )
 
 
-async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = None, interval: float = 3.0) -> None:
+async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = None, interval: float = 3.0) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until a dead engine's watchdog stops the server (1)."""
     sim = Simulator(cfg)
     runner = web.AppRunner(sim.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
@@ -91,14 +107,16 @@ async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = No
         beats = asyncio.create_task(send_heartbeats(heartbeat, cfg.role, f"{host}:{port}", sim.kv.address, interval))
     print(f"vllm-sim {cfg.role} serving {cfg.model} on http://{host}:{port} (kv: {cfg.kv.backend}"
           f"{', listening on ' + sim.kv.address if cfg.role == 'decode' and cfg.kv.backend == 'nccl' else ''})", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, sim.shutdown.set)
+    loop.add_signal_handler(signal.SIGUSR1, sim.engine.faults.die)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: sim.hang_engine("SIGUSR2"))
+    await sim.shutdown.wait()
     if beats is not None:
         beats.cancel()
     await runner.cleanup()
+    return sim.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vllm-sim: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve(cfg, args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
+    code = asyncio.run(serve(cfg, args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
     sys.stdout.flush()
-    os._exit(0)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
+    os._exit(code)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from vllm_sim.faults import EngineFaults
+
 
 @dataclass
 class LatencyModel:
@@ -36,6 +38,7 @@ class Engine:
 
     def __init__(self, model: LatencyModel) -> None:
         self.model = model
+        self.faults = EngineFaults()  # every wait below goes through it: death and hangs reach all requests
         self._slots = asyncio.Semaphore(model.max_num_seqs)
         self._prefill_lock = asyncio.Lock()
         self.running = 0
@@ -50,6 +53,7 @@ class Engine:
         return max(1, math.ceil(tokens / self.model.block_size))
 
     async def admit(self) -> None:
+        self.faults.check()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -76,10 +80,10 @@ class Engine:
             self.running += 1
         try:
             hit = cached() if cached is not None else 0
-            await asyncio.sleep(self.model.prefill_seconds(max(1, prompt_tokens - hit) if hit else prompt_tokens))
+            await self.faults.sleep(self.model.prefill_seconds(max(1, prompt_tokens - hit) if hit else prompt_tokens))
             return hit
         finally:
             self._prefill_lock.release()
 
     async def next_token(self) -> None:
-        await asyncio.sleep(self.model.token_seconds(self.running))
+        await self.faults.sleep(self.model.token_seconds(self.running))
