@@ -37,6 +37,7 @@ from epp.health_server import ThreadedHealthServer
 from epp.observability.logging import forward_stdlib_logger, get_logger
 from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
 from epp.observability.metrics_server import MetricsEndpoint
+from epp.scheduling.framework import Background
 from epp.scheduling.registry import PluginContext
 from epp.tls import grpc_cipher_suites
 from epp.util import memory
@@ -174,6 +175,8 @@ class EPPServer:
             self._start_leader_election()
         await self._start_discovery()
         await self.endpoint_health.start(self.datastore, self.director.inflight.values)
+        for plugin in self._background_plugins():
+            plugin.start_background(self.datastore)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
         for warning in self.built.warnings:
             log.warning("Config", problem=warning)
@@ -223,6 +226,8 @@ class EPPServer:
         if self.scraper is not None:
             await self.scraper.stop()
         await self.endpoint_health.stop()
+        for plugin in self._background_plugins():
+            plugin.stop_background()
         if stopping is not None:
             await stopping
         if self._health_grpc is not None:
@@ -407,6 +412,9 @@ class EPPServer:
                                       url_for=url_for, verify_tls=not insecure,
                                       on_failure=self.endpoint_health.probe_soon)  # a failed scrape makes endpoint health check readiness now
         await self.scraper.start()
+
+    def _background_plugins(self) -> list[Background]:
+        return [p for p in self.built.plugins.values() if isinstance(p, Background)]
 
     def scraper_wanted(self) -> bool:
         """Scrape when something reads endpoint metrics (saves work for load-only profiles).

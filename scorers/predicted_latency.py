@@ -18,6 +18,8 @@ k requests already in flight on e:
   metrics-staleness threshold are still used (a speed changes slowly; the load terms come from
   this EPP's own bookings, not from scrapes) and those endpoints are named in the log;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
+* t counts only the prompt tokens e does not hold: when a prefix-cache producer is configured,
+  the prefix it believes e has cached is not prefilled again;
 * wait(e): how long work this EPP already sent to e keeps its serial prefill-and-transfer stage
   busy. Every scheduled request pushes e's stage by its own prefill + transfer estimate, so the
   queue is known the moment a request is routed — no scrape lag, which matters in bursts;
@@ -53,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
+from epp.scheduling.attributes import cached_tokens
 from epp.scheduling.estimates import transfer_estimates
 from epp.scheduling.framework import CycleState, LLMRequest, SchedulingResult
 from epp.scheduling.latency_model import calibrated, delay_to_others, penalised, unloaded_speeds
@@ -119,6 +122,7 @@ class PredictedLatencyScorer:
         if self._held and self._held[0][0] <= now:
             self._drop_held(now)
         transfer = transfer_estimates(state, request, endpoints)
+        cached = cached_tokens(state)  # a prefix the endpoint holds is not prefilled again
         n = request.max_tokens or self.default_output_tokens
         out = {}
         wall = time.monotonic()  # metrics carry monotonic timestamps, whatever clock the bookings use
@@ -129,7 +133,7 @@ class PredictedLatencyScorer:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
             tps, spt = self._speeds(e, k)
-            prefill = request.prompt_tokens / tps
+            prefill = max(0, request.prompt_tokens - cached.get(e.key, 0)) / tps
             xfer = transfer.get(e.key, 0.0)
             wait = self._wait(e.key, now)
             ttft = wait + prefill + xfer + spt

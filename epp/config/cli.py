@@ -32,7 +32,8 @@ def profiles_main(argv: Sequence[str]) -> int:
                 for prof in desc["profiles"].values():
                     scorers = ", ".join(f"{s['name']}×{s['weight']:g}" for s in prof["scorers"]) or "-"
                     parts.append(f"filters: {', '.join(prof['filters']) or '-'}; scorers: {scorers}; picker: {prof['picker']}")
-                print(f"{name:32} {' | '.join(parts)}")
+                producers = f"; producers: {', '.join(desc['producers'])}" if desc.get("producers") else ""
+                print(f"{name:32} {' | '.join(parts)}{producers}")
             return 0
         if args.cmd == "show":
             print(show_profile(args.name), end="")

@@ -335,6 +335,15 @@ class _Builder:
             else:
                 self.failed.add(name)
 
+    def link_producers(self) -> None:
+        """Consumers find (or get) their data producers; producers created here join the instances."""
+        try:
+            registry.link_producers(self.instances, self.ctx)
+        except ConfigError as e:
+            name = getattr(e, "plugin", None)
+            at = ("plugins",) if name not in self.plugin_index else ("plugins", self.plugin_index[name], "parameters")
+            self.error(at, str(e))
+
     def bind(self) -> None:
         """Plugins that name other plugins (a P/D handler's deciders) find them once all are built."""
         for name, plugin in list(self.instances.items()):
@@ -630,6 +639,8 @@ def build(cfg: LoadedConfig, ctx: PluginContext | None = None, observer: Observe
     b.header()
     gates = b.feature_gates()
     b.plugins()
+    if not b.failed:  # a consumer may name a plugin that failed to build (already reported)
+        b.link_producers()
     b.bind()
     shape = b.scheduler()
     parsers = b.parsers()

@@ -77,6 +77,10 @@ class EndpointMetrics:
     transfer_profile: TransferProfile | None = None
     # A decode sidecar's measured profile per prefill peer (peer ip:port -> profile): the live links.
     link_profiles: Mapping[str, TransferProfile] | None = None
+    # vllm:lora_requests_info (its latest series): adapters running / waiting, and the adapter slots
+    running_loras: frozenset[str] | None = None
+    waiting_loras: frozenset[str] | None = None
+    max_loras: int | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
     error: str | None = None  # last scrape error, if the last attempt failed
 

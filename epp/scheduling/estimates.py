@@ -6,7 +6,9 @@ from typing import Sequence
 
 from epp.datastore.endpoint import Endpoint
 from epp.datastore.links import LinkProfiles
-from epp.scheduling.framework import PREFIX_MATCH_KEY, CycleState, LLMRequest
+from epp.scheduling import attributes
+from epp.scheduling.attributes import PREFIX_MATCH_KEY
+from epp.scheduling.framework import CycleState, LLMRequest
 from epp.scheduling.registry import PluginContext
 
 ESTIMATES_KEY = "transfer-estimates"  # CycleState key shared with transfer-time-filter
@@ -43,11 +45,10 @@ def link_transfer(state: CycleState, links: LinkProfiles, tokens: int, prefill: 
 
 
 def cached_tokens(state: CycleState, endpoint: Endpoint) -> int | None:
-    """Prompt tokens a prefix producer found cached on `endpoint` this cycle; None when no producer said."""
-    match = state.read(PREFIX_MATCH_KEY)
-    if match is None:
+    """Prompt tokens a prefix producer found cached on `endpoint` this cycle; None when no producer ran."""
+    if state.read(PREFIX_MATCH_KEY) is None:
         return None
-    return int(match.get(endpoint.key, 0))
+    return attributes.cached_tokens(state).get(endpoint.key, 0)
 
 
 def links_of(ctx: PluginContext) -> LinkProfiles:

@@ -35,7 +35,6 @@ class LLMRequest:
 # CycleState keys that plugins of different kinds share (so none of them imports another).
 STAGE_KEY = "disagg-stage"  # "decode" | "prefill" | "encode": the stage whose profile runs now (disagg handlers)
 PEER_ENDPOINT_KEY = "peer-endpoint"  # the endpoint an earlier stage picked (llm-d's peer-endpoint attribute)
-PREFIX_MATCH_KEY = "prefix-cache-match"  # endpoint key -> prompt tokens already cached there (prefix producers)
 
 
 class CycleState:
@@ -151,6 +150,7 @@ class SchedulingResult:
     stages: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # endpoint key -> why endpoint health left it out
     health_panic: bool = False  # too few healthy endpoints: all candidates were used (Envoy's panic mode)
+    state: CycleState | None = None  # the cycle's scratch space, so PreRequest hooks see what producers computed
 
     @property
     def primary(self) -> ProfileRunResult:
@@ -184,6 +184,53 @@ class ProfileHandler(Plugin, Protocol):
 
 
 # -- request lifecycle hooks (optional; a plugin implementing them is called automatically) ----
+
+
+@runtime_checkable
+class DataProducer(Plugin, Protocol):
+    def produce(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Called once per cycle before any profile runs (llm-d's PrepareRequestData), with every candidate.
+
+        Leaves per-endpoint data in `state` for filters and scorers (e.g. prefix-cache matches).
+        A producer with `produce_order` < 10 runs before the others (token producers use 0).
+        """
+        ...
+
+
+@runtime_checkable
+class Background(Protocol):
+    """A plugin with work outside the request path (e.g. a KV-event subscriber thread).
+
+    The running EPP starts it once endpoints are being discovered and stops it on shutdown;
+    building a config (`epp profiles validate`, tests) never does.
+    """
+
+    def start_background(self, datastore: Any) -> None: ...
+
+    def stop_background(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerWanted:
+    """What a consumer reads: a producer type, and optionally which instance and with which parameters."""
+
+    type: str
+    name: str | None = None  # a producer instance, or another consumer whose producer to share
+    parameters: Mapping[str, Any] | None = None  # for the producer created when none is configured
+    name_optional: bool = False  # a defaulted name: if no plugin has it, resolve as if no name was given
+
+
+@runtime_checkable
+class ProducerConsumer(Protocol):
+    """A plugin that reads a producer's data; the config builder binds it to its producer.
+
+    A named instance must exist; without a name the first configured producer of the type is
+    used, or one is created (with the consumer's parameters, if any), as llm-d does.
+    """
+
+    def producer_wanted(self) -> ProducerWanted: ...
+
+    def bind_producer(self, producer: Any) -> None: ...
 
 
 @runtime_checkable

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Mapping
 
-from epp.scheduling.framework import ConfigError, Plugin
+from epp.scheduling.framework import ConfigError, Plugin, ProducerConsumer
 from epp.util.duration import parse_duration
 
 ENTRY_POINT_GROUP = "inference_epp.plugins"
@@ -30,6 +30,7 @@ BUILTIN_PLUGIN_MODULES = (
     "filters",
     "scorers",
     "disaggregation",
+    "producers",
 )
 
 
@@ -127,3 +128,59 @@ def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[s
         raise ConfigError(
             f"plugin {plugin!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
         )
+
+
+def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:
+    """Bind every producer consumer to its producer, creating missing ones; returns the names created.
+
+    Created producers join `instances` (named by their type, or `<consumer>-producer` when the
+    consumer brought its own parameters), so the scheduler calls their hooks like any other.
+    """
+    created: list[str] = []
+    bound: dict[str, Any] = {}
+
+    def resolve(name: str, plugin: Any, seen: tuple[str, ...]) -> Any:
+        if name in bound:
+            return bound[name]
+        if name in seen:
+            raise ConfigError(f"plugin {name!r}: producer references form a cycle: {' -> '.join((*seen, name))}")
+        want = plugin.producer_wanted()
+        target = instances.get(want.name) if want.name else None
+        if want.name and target is None and not want.name_optional:
+            raise ConfigError(f"plugin {name!r}: no plugin named {want.name!r} to read data from; defined: {', '.join(sorted(instances))}")
+        if target is not None and isinstance(target, ProducerConsumer):
+            producer = resolve(want.name, target, (*seen, name))  # share that consumer's producer
+        elif target is not None:
+            if getattr(target, "type_name", None) not in _compatible(want.type):
+                raise ConfigError(f"plugin {name!r}: {want.name!r} is a {getattr(target, 'type_name', '?')}, not a {want.type}")
+            producer = target
+        else:
+            found = [p for p in instances.values() if getattr(p, "type_name", None) == want.type]
+            if found and want.parameters:
+                raise ConfigError(f"plugin {name!r}: its parameters {sorted(want.parameters)} belong to {found[0].name!r} "
+                                  f"({want.type}); move them there")
+            if found:
+                producer = found[0]
+            else:
+                pname = f"{name}-producer" if want.parameters else want.type
+                producer = create(want.type, pname, want.parameters, ctx)
+                instances[pname] = producer
+                created.append(pname)
+        plugin.bind_producer(producer)
+        bound[name] = producer
+        return producer
+
+    for name, plugin in list(instances.items()):
+        if isinstance(plugin, ProducerConsumer):
+            try:
+                resolve(name, plugin, ())
+            except ConfigError as e:
+                e.plugin = name  # type: ignore[attr-defined]  # the config loader points at this plugin's line
+                raise
+    return created
+
+
+def _compatible(producer_type: str) -> tuple[str, ...]:
+    """A consumer of prefix matches may name any prefix-cache producer, as llm-d's data keys allow."""
+    prefix = ("approx-prefix-cache-producer", "precise-prefix-cache-producer")
+    return prefix if producer_type in prefix else (producer_type,)

@@ -19,6 +19,7 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
     block_size = num_blocks = None
     block_tokens = block_bytes = None
     backend = ""
+    lora: tuple[float, dict] | None = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             name = s.name
@@ -43,6 +44,8 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
                         backend = s.labels.get("kv_backend", backend)
                 except (KeyError, ValueError):
                     pass
+            elif name == "vllm:lora_requests_info" and (lora is None or s.value >= lora[0]):
+                lora = (s.value, s.labels)  # the value is a timestamp: the newest series wins
             elif name == "pdproxy_kv_block_tokens":
                 block_tokens = int(s.value)
             elif name == "pdproxy_kv_block_bytes":
@@ -65,6 +68,13 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         for peer, pts in links.items():
             blocks = tuple(sorted(pts))
             link_profiles[peer] = TransferProfile(blocks, tuple(pts[b][0] for b in blocks), bt, block_bytes or 0, pts[blocks[0]][1])
+    running = waiting = max_loras = None
+    if lora is not None:
+        running, waiting = (frozenset(a for a in lora[1].get(k, "").split(",") if a) for k in ("running_lora_adapters", "waiting_lora_adapters"))
+        try:
+            max_loras = int(lora[1].get("max_lora", ""))
+        except ValueError:
+            max_loras = 0
     return EndpointMetrics(
         waiting=sums.get("vllm:num_requests_waiting"),
         running=sums.get("vllm:num_requests_running"),
@@ -76,5 +86,8 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         decode_seconds_per_token=mean("pdproxy_decode_seconds_per_token"),
         transfer_profile=transfer,
         link_profiles=link_profiles,
+        running_loras=running,
+        waiting_loras=waiting,
+        max_loras=max_loras,
         updated_at=time.monotonic() if now is None else now,
     )

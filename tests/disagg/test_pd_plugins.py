@@ -2,7 +2,8 @@
 
 import pytest
 
-from epp.scheduling.framework import PREFIX_MATCH_KEY, ConfigError, CycleState, SchedulingError
+from epp.scheduling.attributes import PREFIX_MATCH_KEY, PrefixCacheMatchInfo, put
+from epp.scheduling.framework import ConfigError, CycleState, SchedulingError
 from tests.disagg.conftest import Built, pod, request
 
 PD = """
@@ -60,10 +61,10 @@ def test_prefix_decider_subtracts_cached_tokens_and_honours_prompt_tokens():
     d = b.endpoint("d")
     state = CycleState()
     assert not decider.decide(state, request(50), d).disaggregate  # under promptTokens
-    state.write(PREFIX_MATCH_KEY, {d.key: 190})
+    put(state, PREFIX_MATCH_KEY, "approx-prefix-cache-producer", {d.key: PrefixCacheMatchInfo(19, 20, 10)})  # 190 tokens
     no = decider.decide(state, request(200), d)
     assert not no.disaggregate and "uncached 10 tokens < nonCachedTokens 16" in no.reason and no.details["cached_tokens"] == 190
-    state.write(PREFIX_MATCH_KEY, {d.key: 100})
+    put(state, PREFIX_MATCH_KEY, "approx-prefix-cache-producer", {d.key: PrefixCacheMatchInfo(10, 20, 10)})  # 100 tokens
     assert decider.decide(state, request(200), d).disaggregate
 
 
