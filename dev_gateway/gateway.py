@@ -153,7 +153,14 @@ class DevGateway:
         destinations = [d.strip() for d in (metadata.get(DEST) or headers.get(DEST, "")).split(",") if d.strip()]
         if not destinations:
             return web.Response(status=503, text="no destination endpoint from the EPP\n")
-        upstream, served = await self._connect(request, destinations, headers, bytes(body) if body_expected else None)
+        try:
+            upstream, served = await self._connect(request, destinations, headers, bytes(body) if body_expected else None)
+        except web.HTTPServiceUnavailable as e:
+            # As Envoy does: its local 503 reply passes the ext_proc response path, so the EPP sees the failure.
+            await call.write(headers_message({":status": "503", "content-type": "text/plain"}, request=False, end_of_stream=True))
+            await self._read(call)
+            await call.done_writing()
+            return web.Response(status=503, text=e.text)
         try:
             return await self._respond(request, call, upstream, served, full_duplex)
         finally:
@@ -176,7 +183,7 @@ class DevGateway:
                 return resp, dest
             except aiohttp.ClientConnectorError as e:
                 last = e
-        raise web.HTTPServiceUnavailable(text=f"upstream connect error to every destination {destinations}: {last}\n")
+        raise web.HTTPServiceUnavailable(text=f"upstream connect error or disconnect/reset before headers: every destination {destinations}: {last}\n")
 
     async def _respond(self, request: web.Request, call, upstream: aiohttp.ClientResponse, served: str, full_duplex: bool) -> web.StreamResponse:
         resp_headers = {k.lower(): v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}

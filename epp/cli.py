@@ -387,7 +387,35 @@ def endpoints_main(argv: Sequence[str]) -> int:
         if e.scrape_error:
             fields.append(f"scrape_error={e.scrape_error!r}")
         print("  " + "  ".join(fields))
+        if e.HasField("health"):
+            print("    " + health_line(e.health))
     return 0
+
+
+def health_line(h) -> str:
+    """One line of endpoint health for `epp endpoints`."""
+    state = h.state
+    if state == "ejected":
+        state += f" ({h.ejection_detail}; {h.ejected_for_seconds:.1f}s left)"
+    elif state == "half_open":
+        state += " (trial request in flight)" if h.trial_in_flight else " (next request is a trial)"
+    parts = [f"health {state}"]
+    if h.HasField("ready"):
+        parts.append(f"ready={'yes' if h.ready else 'no'} ({h.readiness_detail})")
+    for role, n in sorted(h.instances.items()):
+        parts.append(f"{role} {n.up}/{n.total} up")
+    if h.outcomes:
+        parts.append("outcomes " + " ".join(f"{k}={v}" for k, v in sorted(h.outcomes.items(), key=lambda kv: -kv[1])))
+    if h.ejections:
+        parts.append("ejections " + " ".join(f"{k}={v}" for k, v in sorted(h.ejections.items())))
+    if h.consecutive_5xx or h.consecutive_gateway_failures:
+        parts.append(f"in a row: 5xx={h.consecutive_5xx} gateway={h.consecutive_gateway_failures}")
+    if h.last_failure:
+        age = f" {h.last_failure_age_seconds:.0f}s ago" if h.HasField("last_failure_age_seconds") else ""
+        parts.append(f"last failure{age}: {h.last_failure}")
+    if h.HasField("ttfb_seconds"):
+        parts.append(f"ttfb {h.ttfb_seconds * 1000:.0f} ms")
+    return "; ".join(parts)
 
 
 USAGE = """usage: epp [serve] [flags]          run the endpoint picker (see `epp serve --help`)

@@ -28,6 +28,8 @@ from epp.datastore import Datastore
 from epp.datastore.objectives import Objectives
 from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
+from epp.endpoint_health import HealthMonitor
+from epp.endpoint_health.collector import HealthCollector
 from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
 from epp.health import EXT_PROC_SERVICE, HealthService
 from epp.health import add_to_server as add_health
@@ -106,6 +108,11 @@ class EPPServer:
                                                                 "metrics_registry": self.metrics.registry})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin, allow_experimental=o.allow_experimental_plugins)
         self.scheduler = self.built.scheduler
+        # Endpoint health is on unless the config's endpoint-health plugin says `enabled: false`.
+        configured = [p for p in self.built.plugins.values() if isinstance(p, HealthMonitor)]
+        self.endpoint_health = configured[0] if configured else HealthMonitor()
+        self.endpoint_health_configured = bool(configured)
+        self.metrics.registry.register(HealthCollector(self.endpoint_health))
         self.director = Director(
             self.datastore,
             self.scheduler,
@@ -117,6 +124,7 @@ class EPPServer:
             objectives=self.objectives,
             saturation_detector=self.built.saturation_detector,
             emit_endpoint_scores=o.emit_endpoint_scores,
+            health=self.endpoint_health,
         )
         self.flow_control: Any = None
         self.flow_metrics: Any = None
@@ -129,7 +137,7 @@ class EPPServer:
             self.director.flow_control = self.flow_control
         self.processor = ExternalProcessor(self.director, o.max_request_body_bytes, o.max_buffered_body_bytes,
                                            o.trust_model_rewrite_header)
-        self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
+        self.admin = AdminService(self.datastore, self.loaded, self.scheduler, self.endpoint_health)
         self.leader_election: Any = None
         self.health = HealthService(lambda: self.datastore.synced, self._is_leader if o.ha_enable_leader_election else None)
         self._grpc: grpc.aio.Server | None = None
@@ -166,6 +174,7 @@ class EPPServer:
         if o.ha_enable_leader_election:
             self._start_leader_election()
         await self._start_discovery()
+        await self.endpoint_health.start(self.datastore, self.director.inflight.values)
         for plugin in self._background_plugins():
             plugin.start_background(self.datastore)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
@@ -187,6 +196,7 @@ class EPPServer:
             metrics_auth=self.metrics_authorizer is not None,
             admin_socket=self.admin_socket or None,
             scheduler=self.scheduler.describe(),
+            endpoint_health={**self.endpoint_health.describe(), "source": "config" if self.endpoint_health_configured else "defaults"},
             feature_gates={k: v for k, v in self.built.feature_gates.items() if k in ("flowControl", "haPopulateNonLeaderDatastore")},
             saturation_detector=getattr(self.built.saturation_detector, "name", None),
             parsers=[p.name for p in self.built.parsers.parsers],
@@ -215,6 +225,7 @@ class EPPServer:
                 await t
         if self.scraper is not None:
             await self.scraper.stop()
+        await self.endpoint_health.stop()
         for plugin in self._background_plugins():
             plugin.stop_background()
         if stopping is not None:
@@ -398,7 +409,8 @@ class EPPServer:
             return f"{scheme}://{host}{path}"
 
         self.scraper = MetricsScraper(self.datastore, interval=o.refresh_metrics_interval, staleness=o.metrics_staleness_threshold,
-                                      url_for=url_for, verify_tls=not insecure)
+                                      url_for=url_for, verify_tls=not insecure,
+                                      on_failure=self.endpoint_health.probe_soon)  # a failed scrape makes endpoint health check readiness now
         await self.scraper.start()
 
     def _background_plugins(self) -> list[Background]:

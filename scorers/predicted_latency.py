@@ -38,10 +38,18 @@ The model calibrates itself per endpoint: when a request it routed completes, th
 duration over the E2E predicted at routing time feeds an EWMA `calibration(e)` (clamped to
 [0.5, 3]). Whatever the model misses on a pair — a busy host, a prefill speed measured under
 other load — shows up there and moves traffic. The estimates appear in the decision log.
+
+Only successes teach the model. A failed request (a 5xx, an endpoint the gateway could not reach,
+no response in time) would otherwise look like the fastest request there is: instead it pulls
+the endpoint's calibration toward the maximum, and its booking stays on the endpoint for as long
+as the request was predicted to take, so a backend that fails at once never looks idle or fast.
+A client's 4xx or a disconnect just releases the booking.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -50,7 +58,7 @@ from epp.datastore.endpoint import Endpoint
 from epp.scheduling.attributes import cached_tokens
 from epp.scheduling.estimates import transfer_estimates
 from epp.scheduling.framework import CycleState, LLMRequest, SchedulingResult
-from epp.scheduling.latency_model import calibrated, delay_to_others, unloaded_speeds
+from epp.scheduling.latency_model import calibrated, delay_to_others, penalised, unloaded_speeds
 from epp.scheduling.latency_model import number as _number
 from epp.scheduling.registry import PluginContext, register
 
@@ -86,6 +94,8 @@ class PredictedLatencyScorer:
         self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
         self._flights: dict[str, dict[int, Flight]] = {}  # endpoint key -> id(request) -> flight
         self._where: dict[int, str] = {}  # id(request) -> endpoint key
+        self._held: list[tuple[float, int, str]] = []  # heap of failed bookings still counted: (until, booking key, endpoint)
+        self._held_ids = itertools.count(-1, -1)  # their booking keys: negative, never an id()
         self._last: dict[str, dict[str, float]] | None = None
 
     # -- the model --------------------------------------------------------------------------------
@@ -101,8 +111,16 @@ class PredictedLatencyScorer:
         """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
         return delay_to_others(self.batch_slowdown, flights, n, spt, now)
 
+    def _drop_held(self, now: float) -> None:
+        held = self._held
+        while held and held[0][0] <= now:
+            _, rid, key = heapq.heappop(held)
+            self._flights.get(key, {}).pop(rid, None)
+
     def estimate(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> dict[str, dict[str, float]]:
         now = self.clock()
+        if self._held and self._held[0][0] <= now:
+            self._drop_held(now)
         transfer = transfer_estimates(state, request, endpoints)
         cached = cached_tokens(state)  # a prefix the endpoint holds is not prefilled again
         n = request.max_tokens or self.default_output_tokens
@@ -159,13 +177,26 @@ class PredictedLatencyScorer:
         key = self._where.pop(id(request), None)
         if key is None:
             return
-        flight = self._flights.get(key, {}).pop(id(request), None)
-        if flight is not None and outcome == "success" and flight.predicted > 0:
-            self.calibration[key] = calibrated(self.calibration.get(key, 1.0), self.clock() - flight.routed_at, flight.predicted)
+        flights = self._flights.get(key, {})
+        flight = flights.pop(id(request), None)
+        if flight is None:
+            return
+        now = self.clock()
+        if outcome == "success" and flight.predicted > 0:
+            self.calibration[key] = calibrated(self.calibration.get(key, 1.0), now - flight.routed_at, flight.predicted)
+        elif outcome == "error":
+            self.calibration[key] = penalised(self.calibration.get(key, 1.0))
+            end = flight.routed_at + flight.predicted
+            if end > now:
+                rid = next(self._held_ids)
+                flights[rid] = flight
+                heapq.heappush(self._held, (end, rid, key))
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
         for rid in self._flights.pop(endpoint.key, {}):
             self._where.pop(rid, None)
+        self._held = [h for h in self._held if h[2] != endpoint.key]
+        heapq.heapify(self._held)
         self.calibration.pop(endpoint.key, None)
 
 

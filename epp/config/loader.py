@@ -34,7 +34,7 @@ from epp.flowcontrol.controller import BandTemplate, FlowControlSettings
 from epp.flowcontrol.types import FairnessPolicy, OrderingPolicy, SaturationDetector, UsageLimitPolicy
 from epp.requesthandling.parsers import ParserChain, is_parser
 from epp.scheduling import registry
-from epp.scheduling.framework import ConfigError, Filter, Picker, ProfileHandler, SchedulerProfile, Scorer, WeightedScorer
+from epp.scheduling.framework import CandidateGate, ConfigError, Filter, Picker, ProfileHandler, SchedulerProfile, Scorer, WeightedScorer
 from epp.scheduling.registry import PluginContext
 from epp.scheduling.scheduler import Observer, Scheduler
 from epp.util.duration import parse_duration
@@ -409,6 +409,9 @@ class _Builder:
         if len(handlers) > 1:
             self.error(("plugins",), f"only one profile handler may be configured, found {', '.join(handlers)}")
         handler = self.instances[handlers[0]] if handlers else registry.create("single-profile-handler", "single-profile-handler", {}, self.ctx)
+        gates = [n for n, p in self.instances.items() if isinstance(p, CandidateGate)]
+        if len(gates) > 1:
+            self.error(("plugins",), f"only one endpoint-health plugin may be configured, found {', '.join(gates)}")
         raw_profiles = self.cfg.data.get("schedulingProfiles")
         if raw_profiles is None:
             raw_profiles = [{"name": "default", "plugins": [
@@ -431,6 +434,10 @@ class _Builder:
                 at = ("schedulingProfiles", i, "plugins", j)
                 plugin = self.ref(at + ("pluginRef",), ref.get("pluginRef"), "plugin", lambda p: True)
                 if plugin is None:
+                    continue
+                if isinstance(plugin, CandidateGate):
+                    self.warn(at + ("pluginRef",), f"plugin {ref['pluginRef']!r} ({plugin.type_name}) applies to the whole pool before "
+                                                   "any profile runs; listing it in a scheduling profile has no effect")
                     continue
                 if not isinstance(plugin, (Filter, Scorer, Picker)):
                     # The Go EPP skips such entries too; say so instead of doing it silently.

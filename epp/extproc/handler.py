@@ -28,6 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from epp.extproc import messages as msg
 from epp.extproc.body_budget import BodyBudget
 from epp.extproc.director import Director, InFlight
+from epp.endpoint_health.outcomes import stream_error_status
 from epp.observability.logging import get_logger
 from epp.scheduling.framework import LLMRequest, SchedulingError
 
@@ -437,6 +438,8 @@ class StreamHandler:
         if self.flight is None:
             return
         data = self.sse_tail + chunk
+        if b'data: {"error"' in data and not self.flight.stream_error:  # a stream that ends in an error event failed
+            self.flight.stream_error = stream_error_status(data)
         if b"usage" not in data:
             self.sse_tail = data[-64:] if not eos else b""
             return

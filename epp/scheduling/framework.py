@@ -148,6 +148,8 @@ class SchedulingResult:
     request_headers: dict[str, str] = field(default_factory=dict)
     # Disaggregation stage -> the profile that served it ({"decode": "decode", "prefill": "prefill"}).
     stages: dict[str, str] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # endpoint key -> why endpoint health left it out
+    health_panic: bool = False  # too few healthy endpoints: all candidates were used (Envoy's panic mode)
     state: CycleState | None = None  # the cycle's scratch space, so PreRequest hooks see what producers computed
 
     @property
@@ -243,10 +245,21 @@ class ResponseComplete(Protocol):
     def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
         """Called exactly once per scheduled request when it ends.
 
-        `outcome` is one of "success", "error" (upstream non-2xx), "cancelled" (client disconnect
-        or stream reset) or "timeout".
+        `outcome` is one of "success", "error" (a 5xx, the gateway's 502/503/504 for an endpoint it
+        could not reach, or no response in time: the endpoint failed), "client_error" (a 4xx: the
+        request's fault), "cancelled" (client disconnect or stream reset) or "timeout".
         """
         ...
+
+
+@runtime_checkable
+class CandidateGate(Plugin, Protocol):
+    """Decides, for the whole pool and before any profile runs, which endpoints may be candidates.
+
+    Listed under `plugins` only (endpoint health is one); never referenced from a profile.
+    """
+
+    def admit(self, endpoints: Sequence[Endpoint]) -> Any: ...
 
 
 class SchedulingError(Exception):

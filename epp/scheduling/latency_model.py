@@ -8,7 +8,8 @@ measurements; only what they book where differs. The formulas live here once:
   by the slowdown of the batch it was measured in (`1 + batchSlowdown × (k − 1)`);
 * delay to others: joining a decode batch slows each member's remaining tokens by
   `batchSlowdown × spt` for as long as both decode;
-* calibration: an EWMA per route of observed / predicted end-to-end time, clamped to [0.5, 3].
+* calibration: an EWMA per route of observed / predicted end-to-end time, clamped to [0.5, 3],
+  learnt from successes only; a failure moves it toward 3.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from epp.scheduling.registry import PluginContext
 
 CALIBRATION_ALPHA = 0.1
 CALIBRATION_RANGE = (0.5, 3.0)
+FAILURE_ALPHA = 0.3  # each failed request moves a route's calibration this far toward the maximum
 
 
 class Seat(Protocol):
@@ -89,3 +91,9 @@ def calibrated(old: float, observed: float, predicted: float) -> float:
     lo, hi = CALIBRATION_RANGE
     ratio = min(hi, max(lo, observed / predicted))
     return (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
+
+
+def penalised(old: float) -> float:
+    """A failed request's step: toward the slowest calibration. A failure ends fast, and learning from
+    its duration would make a broken route look like the quickest there is."""
+    return (1 - FAILURE_ALPHA) * old + FAILURE_ALPHA * CALIBRATION_RANGE[1]

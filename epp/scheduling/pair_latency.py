@@ -26,6 +26,8 @@ prefills) and the transfer (blocks the decode pod already holds).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from epp.datastore.endpoint import Endpoint
 from epp.datastore.links import LinkProfiles
 from epp.scheduling.estimates import cached_tokens, links_of
 from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
-from epp.scheduling.latency_model import PARAMETERS, LatencyParams, calibrated, delay_to_others, latency_params, unloaded_speeds
+from epp.scheduling.latency_model import PARAMETERS, LatencyParams, calibrated, delay_to_others, latency_params, penalised, unloaded_speeds
 from epp.scheduling.registry import PluginContext, positive_duration, reject_unknown
 
 NOTE_LIMIT = 16  # routes itemised per decision in the log
@@ -134,11 +136,15 @@ class PairLatencyModel:
         self._bookings: dict[int, _Booking] = {}
         self._cycle: _Cycle | None = None
         self._recent: dict[str, RouteEstimate] = {}  # this cycle's estimates, for booking the chosen route
+        self._held: list[tuple[float, int, str, str]] = []  # failed bookings kept until their predicted end
+        self._held_ids = itertools.count(-1, -1)  # their keys in the queues: negative, never an id()
 
     # -- per-cycle terms --------------------------------------------------------------------------
     def _begin(self, state: CycleState, request: LLMRequest) -> _Cycle:
         c = self._cycle
         if c is None or c.state is not state or c.request is not request:
+            if self._held and self._held[0][0] <= self.clock():
+                self._drop_held(self.clock())
             # a lower bound of every route's calibration (fading moves values towards 1), for pruning
             floor = min(1.0, min((v for v, _ in self._calibration.values()), default=1.0))
             c = self._cycle = _Cycle(state, request, self.clock(), request.max_tokens or self.params.default_output_tokens, floor)
@@ -273,19 +279,40 @@ class PairLatencyModel:
         return est
 
     def release(self, request: LLMRequest, outcome: str = "rescheduled") -> None:
+        """The request ended. A failed one keeps its place in the queues until its predicted end (a pod
+        that fails at once must not look idle) and pulls its route's calibration toward the slowest."""
         b = self._bookings.pop(id(request), None)
         if b is None:
             return
         rid = id(request)
+        now = self.clock()
+        end = b.routed_at + b.predicted
+        held = next(self._held_ids) if outcome == "error" and end > now else None
         for table, key in ((self._stage, b.prefill_key), (self._seats, b.decode_key)):
             entries = table.get(key)
             if entries is not None:
-                entries.pop(rid, None)
+                value = entries.pop(rid, None)
+                if held is not None and value is not None:
+                    entries[held] = value
                 if not entries:
                     del table[key]
+        if held is not None:
+            heapq.heappush(self._held, (end, held, b.prefill_key, b.decode_key))
         if outcome == "success" and b.predicted > 0:
-            now = self.clock()
             self._calibration[b.route] = (calibrated(self.calibration(b.route), now - b.routed_at, b.predicted), now)
+        elif outcome == "error":
+            self._calibration[b.route] = (penalised(self.calibration(b.route)), now)
+
+    def _drop_held(self, now: float) -> None:
+        held = self._held
+        while held and held[0][0] <= now:
+            _, rid, prefill_key, decode_key = heapq.heappop(held)
+            for table, key in ((self._stage, prefill_key), (self._seats, decode_key)):
+                entries = table.get(key)
+                if entries is not None:
+                    entries.pop(rid, None)
+                    if not entries:
+                        del table[key]
 
     def calibration(self, route: str) -> float:
         """The route's observed / predicted ratio, faded towards 1 by the time since it was last observed."""

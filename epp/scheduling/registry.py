@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "inference_epp.plugins"
 BUILTIN_PLUGIN_MODULES = (
     "epp.scheduling.pickers",
     "epp.scheduling.profile_handlers",
+    "epp.endpoint_health.plugin",
     "epp.requesthandling.parsers",
     "epp.datalayer.sources",
     "epp.datalayer.inflight_load",

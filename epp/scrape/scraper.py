@@ -23,10 +23,12 @@ log = get_logger("epp.scrape")
 
 class MetricsScraper:
     def __init__(self, datastore: Datastore, interval: float = 0.05, timeout: float = 1.0, staleness: float = 2.0,
-                 url_for: Callable[[Endpoint], str] | None = None, verify_tls: bool = True) -> None:
+                 url_for: Callable[[Endpoint], str] | None = None, verify_tls: bool = True,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.datastore = datastore
         self.url_for = url_for or Endpoint.scrape_url  # the dataLayer's metrics-data-source decides scheme, path, port
         self.verify_tls = verify_tls
+        self.on_failure = on_failure  # called with the endpoint key after each failed scrape
         self.interval = interval
         self.timeout = timeout
         self.staleness = staleness
@@ -81,6 +83,8 @@ class MetricsScraper:
             if old.error is None:
                 log.warning("Metrics scrape failed", endpoint=ep.key, url=self.url_for(ep), error=str(e) or type(e).__name__)
             self.datastore.set_metrics(ep.key, dataclasses.replace(old, error=str(e) or type(e).__name__))
+            if self.on_failure is not None:
+                self.on_failure(ep.key)
 
     def stale(self, ep: Endpoint, now: float | None = None) -> bool:
         return ep.metrics.age(time.monotonic() if now is None else now) > self.staleness
