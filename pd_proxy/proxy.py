@@ -1,8 +1,11 @@
 """The P/D proxy: prefill with max_tokens=1, then the original request to decode, streamed back.
 
-Two modes, one program: `p2p-nccl` (vLLM's P2pNcclConnector: the request id names both KV
-addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as X-Request-Id to both) and
-`shared-storage` (vLLM's shared-storage/Example connector: same order, ids name the services).
+Three modes, one program: `nixl` (vLLM's NixlConnector: `kv_transfer_params` in the bodies, see
+`nixl.py`), `shared-storage` (vLLM's shared-storage/Example connector: prefill then decode, ids
+name the services) and, for vLLM versions that still have it, `p2p-nccl` (P2pNcclConnector: the
+request id names both KV addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as
+X-Request-Id to both). Whether the decode loaded the KV or recomputed the prompt is checked on
+vLLM's token-source counters (`kv_load.py`).
 What the reference proxies lack is here: pooled connections, timeouts, upstream errors as
 OpenAI-style JSON with a meaningful status, a failed prefill reported (or, if enabled, served
 decode-only), and a client disconnect cancelling both legs.
@@ -21,9 +24,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from pd_proxy import nixl
+from pd_proxy.kv_load import RATIO_EWMA, KVLoadMonitor, WindowResult
 from pd_proxy.metrics import ProxyMetrics
+from pd_proxy.shared_storage import StorePruner
 
-MODES = ("p2p-nccl", "shared-storage")
+MODES = ("nixl", "shared-storage", "p2p-nccl")
 
 
 @dataclass
@@ -60,7 +66,14 @@ class ProxyConfig:
     scrape_interval: float = 1.0
     heartbeat_port: int = 0  # >0: accept instances registering by P2pNcclConnector heartbeats (ZMQ ROUTER)
     heartbeat_host: str = "0.0.0.0"
+    kv_load_failure_policy: str = "recompute"  # nixl: a decode that failed loading KV is retried recomputing, or reported
+    shared_storage_path: str | None = None  # shared-storage: the connector's directory, pruned (vLLM never cleans it)
+    shared_storage_ttl: float = 300.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class KVLoadFailure(Exception):
+    """The decode answered that it could not load the request's KV (NIXL, kv_load_failure_policy=fail)."""
 
 
 class UpstreamError(Exception):
@@ -83,8 +96,12 @@ class PDProxy:
             missing = [i.url for i in cfg.prefills + cfg.decodes if not i.kv_addr]
             if missing:
                 raise ValueError(f"p2p-nccl mode needs each instance as URL=KV_HOST:KV_PORT; missing for {', '.join(missing)}")
+        if cfg.kv_load_failure_policy not in nixl.FAILURE_POLICIES:
+            raise ValueError(f"--kv-load-failure-policy must be one of {', '.join(nixl.FAILURE_POLICIES)}")
         self.cfg = cfg
         self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
+        self.kv_load = KVLoadMonitor(self._kv_window, lambda seconds, n: [self.metrics.kv_transfer_seconds.observe(seconds) for _ in range(n)])
+        self.pruner = StorePruner(cfg.shared_storage_path, cfg.shared_storage_ttl) if cfg.shared_storage_path else None
         self.profile: dict | None = None
         if cfg.profile_file:
             self.load_profile(cfg.profile_file)
@@ -118,12 +135,16 @@ class PDProxy:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout))
         self._scraper = asyncio.create_task(self._scrape_loop())
+        if self.pruner is not None:
+            self.pruner.start()
         if self.registry is not None:
             await self.registry.start()
 
     async def _stop(self, app: web.Application) -> None:
         if self._scraper:
             self._scraper.cancel()
+        if self.pruner is not None:
+            self.pruner.stop()
         if self.registry is not None:
             await self.registry.stop()
         if self.session:
@@ -136,19 +157,20 @@ class PDProxy:
         return min(healthy, key=lambda i: i.in_flight)
 
     def request_id(self, p: Instance, d: Instance) -> str:
+        if self.cfg.mode == "nixl":
+            return uuid.uuid4().hex  # one id for both legs; vLLM answers with cmpl-<id>
         if self.cfg.mode == "p2p-nccl":
             return f"___prefill_addr_{p.kv_addr}___decode_addr_{d.kv_addr}_{uuid.uuid4().hex}"
         return f"___prefill_addr_{self.cfg.prefill_service}___decode_addr_{self.cfg.decode_service}_{uuid.uuid4().hex}"
 
-    @staticmethod
-    def prefill_body(body: dict) -> dict:
+    def prefill_body(self, body: dict) -> dict:
         pb = dict(body)
         pb["max_tokens"] = 1
         if "max_completion_tokens" in pb or "messages" in pb:
             pb["max_completion_tokens"] = 1
         pb["stream"] = False
         pb.pop("stream_options", None)
-        return pb
+        return nixl.prefill_body(pb) if self.cfg.mode == "nixl" else pb
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         m = self.metrics
@@ -160,6 +182,7 @@ class PDProxy:
         if not isinstance(body, dict):
             m.finished("400")
             return error_response(400, "request body must be a JSON object", "BadRequestError")
+        body.pop("kv_transfer_params", None)  # only the proxy names KV blocks and where to read them
         if not self.cfg.prefills or not self.cfg.decodes:
             m.finished("503")
             return error_response(503, "no prefill or decode instance registered yet", "ServiceUnavailable")
@@ -175,18 +198,31 @@ class PDProxy:
         try:
             headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
             decode_headers = dict(headers)
+            decode_body, prompt_tokens = body, _prompt_tokens(body)
             try:
-                prefill_s = await self._prefill(p, path, body, headers)
+                prefill_s, reply = await self._prefill(p, path, body, headers)
+                prompt_tokens = _usage_prompt_tokens(reply) or prompt_tokens
                 m.prefill_seconds.observe(prefill_s)
                 if prefill_s > 0 and prefill_alone:
-                    m.observe_prefill_speed(_prompt_tokens(body) / prefill_s)
+                    m.observe_prefill_speed(prompt_tokens / prefill_s)
+                if self.cfg.mode == "nixl":
+                    decode_body = nixl.decode_body(body, nixl.transfer_params(reply))
             except UpstreamError as e:
                 if not self.cfg.fallback_decode_only:
                     status = str(e.status)
                     return error_response(e.status, f"prefill failed on {p.url}: {e.message}", "PrefillError")
                 decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
                 m.fallbacks.inc()
-            resp = await self._decode(request, d, path, body, decode_headers, t0)
+            try:
+                resp = await self._decode(request, d, path, decode_body, decode_headers, t0, prompt_tokens)
+            except KVLoadFailure as e:
+                m.kv_load_failures.inc()
+                if self.cfg.kv_load_failure_policy == "fail":
+                    status = "502"
+                    return error_response(502, f"decode {d.url} could not load the KV cache from prefill {p.url}: {e}", "KVLoadError")
+                print(f"pd-proxy: decode {d.url} could not load the KV of request {rid} from {p.url} ({e}); "
+                      "retrying it on the decode, which computes the prompt", flush=True)
+                resp = await self._decode(request, d, path, nixl.recompute_body(body), decode_headers, t0, prompt_tokens)
             status = str(resp.status)
             return resp
         except UpstreamError as e:
@@ -200,7 +236,8 @@ class PDProxy:
             if status.startswith("2"):
                 m.e2e_seconds.observe(time.monotonic() - t0)
 
-    async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> float:
+    async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> tuple[float, Any]:
+        """Seconds the prefill leg took, and its parsed reply (usage; kv_transfer_params for NIXL)."""
         assert self.session is not None
         t = time.monotonic()
         try:
@@ -214,18 +251,34 @@ class PDProxy:
             raise UpstreamError(503, f"cannot connect: {e.os_error or e}", "ServiceUnavailable") from None
         except asyncio.TimeoutError:
             raise UpstreamError(504, f"prefill timed out after {self.cfg.prefill_timeout:g}s", "Timeout") from None
-        return time.monotonic() - t
+        elapsed = time.monotonic() - t
+        try:
+            return elapsed, json.loads(text)
+        except ValueError:
+            return elapsed, None
 
-    async def _decode(self, request: web.Request, d: Instance, path: str, body: dict, headers: dict, t0: float) -> web.StreamResponse:
+    async def _decode(self, request: web.Request, d: Instance, path: str, body: dict, headers: dict, t0: float,
+                      prompt_tokens: int = 0) -> web.StreamResponse:
         assert self.session is not None
         m = self.metrics
         t = time.monotonic()
+        loading = "kv_transfer_params" in body  # NIXL: a failure of this decode may be its KV load
+        self.kv_load.started(d.url)
+        first_at = None
         try:
             async with self.session.post(d.url + path, json=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.decode_timeout)) as r:
                 if r.status >= 400:
                     text = await r.read()
+                    if loading and r.status == 500:
+                        raise KVLoadFailure(_upstream_message(text, r.status))
                     return error_response(r.status, f"decode failed on {d.url}: {_upstream_message(text, r.status)}", "DecodeError")
+                first = await r.content.readany()  # the KV load (or recompute) and one step are behind it
+                first_at = time.monotonic()
+                m.decode_first_token_seconds.observe(first_at - t)
+                self.kv_load.first_token(d.url, first_at, prompt_tokens)
+                if loading and nixl.is_error_event(first):
+                    raise KVLoadFailure(first.decode("utf-8", "replace").strip()[:300])
                 kv_s = r.headers.get("x-kv-transfer-seconds")
                 if kv_s:
                     m.kv_transfer_seconds.observe(float(kv_s))
@@ -235,11 +288,9 @@ class PDProxy:
                     **({"x-kv-transfer-seconds": kv_s} if kv_s else {}),
                 })
                 await out.prepare(request)
-                first_at = None
+                m.ttft_seconds.observe(first_at - t0)
+                await out.write(first)
                 async for chunk in r.content.iter_any():
-                    if first_at is None:
-                        first_at = time.monotonic()
-                        m.ttft_seconds.observe(first_at - t0)
                     await out.write(chunk)
                 await out.write_eof()
                 end = time.monotonic()
@@ -248,7 +299,7 @@ class PDProxy:
                 # decoding only: a streamed response from its first byte on, a whole one less the KV wait the
                 # decode instance reported, so a slow fabric is not mistaken for a slow decoder
                 if isinstance(out_tokens, int) and out_tokens > 2:
-                    if body.get("stream") is True and first_at is not None:
+                    if body.get("stream") is True:
                         m.observe_decode_speed((end - first_at) / (out_tokens - 1))
                     else:
                         m.observe_decode_speed(max(0.0, end - t - float(kv_s or 0.0)) / out_tokens)
@@ -258,6 +309,17 @@ class PDProxy:
             raise UpstreamError(503, f"cannot connect to decode {d.url}: {e.os_error or e}", "ServiceUnavailable") from None
         except asyncio.TimeoutError:
             raise UpstreamError(504, f"decode timed out after {self.cfg.decode_timeout:g}s", "Timeout") from None
+        finally:
+            if first_at is None:
+                self.kv_load.abandoned(d.url)
+
+    def _kv_window(self, url: str, w: WindowResult) -> None:
+        """A read of a decode's token-source counters: metrics, and a warning when it recomputed prompts."""
+        self.metrics.observe_kv_window(w.loaded_tokens, w.computed_tokens, w.recomputed_tokens, w.recomputed_requests, RATIO_EWMA)
+        if w.recomputed_requests:
+            print(f"pd-proxy: decode {url} computed {w.recomputed_tokens:.0f} prompt tokens itself instead of loading their KV "
+                  f"({w.recomputed_requests} of {w.requests} requests since the last read; {w.loaded_tokens:.0f} tokens loaded) — "
+                  f"is the connector configured on both instances, and does the proxy's --mode match it?", flush=True)
 
     # -- small routes ----------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -289,11 +351,14 @@ class PDProxy:
             for role, instances in (("prefill", self.cfg.prefills), ("decode", self.cfg.decodes)):
                 for i, inst in enumerate(instances):
                     try:
+                        read_at = time.monotonic()
                         async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
                             text = await r.text()
                         async with self.session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as h:
                             inst.healthy = h.status == 200
                         self.metrics.absorb_vllm(role, str(i), text)
+                        if role == "decode":
+                            self.kv_load.absorb(inst.url, text, read_at)
                     except (aiohttp.ClientError, asyncio.TimeoutError):
                         inst.healthy = False
             await asyncio.sleep(self.cfg.scrape_interval)
@@ -306,6 +371,13 @@ def _prompt_tokens(body: dict) -> int:
     if isinstance(p, list) and p and isinstance(p[0], int):
         return len(p)
     return max(1, len(str(p)) // 4)
+
+
+def _usage_prompt_tokens(reply: Any) -> int | None:
+    """Prompt tokens as the engine counted them (the prefill's usage), when its reply says."""
+    usage = reply.get("usage") if isinstance(reply, dict) else None
+    n = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _upstream_message(text: bytes, status: int) -> str:

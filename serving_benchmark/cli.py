@@ -37,12 +37,14 @@ def parser() -> argparse.ArgumentParser:
     a("--max_output_tokens", type=int, default=64, help="output tokens cap (default: %(default)s)")
     a("--dataset_path", default=None, help="ShareGPT-format JSON; synthetic ShareGPT-like lengths when absent")
     a("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
-    a("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="model name in requests (default: %(default)s)")
+    a("--model", default=None, help="model name in requests (default: the local stack's, meta-llama/Llama-3.1-8B-Instruct with --gateway)")
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
     a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
+    a("--engine", default=None, choices=("sim", "vllm"),
+      help="local stack engine: sim (simulators) or vllm (real vLLM CPU servers, make vllm-setup) (default: the topology's, else sim)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
     return p
@@ -98,14 +100,21 @@ def main(argv: list[str] | None = None) -> int:
             print("epp-bench: --compare-profiles restarts the EPP, so it needs the local stack (drop --gateway)", file=sys.stderr)
             return 2
         url = args.gateway.rstrip("/")
+        args.model = args.model or "meta-llama/Llama-3.1-8B-Instruct"
         backend_of = name_of = lambda served: served or "unknown"  # noqa: E731
     else:
         from local_stack.stack import LocalStack, StackPorts, free_port
         from local_stack.topology import load_topology
 
-        stack = LocalStack(load_topology(args.topology), profiles[0], args.workdir,
-                           StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
-        stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
+        try:
+            topology = load_topology(args.topology, args.engine)
+            args.model = args.model or topology.model
+            stack = LocalStack(topology, profiles[0], args.workdir,
+                               StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
+            stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            print(f"epp-bench: the local stack did not start: {e}", file=sys.stderr)
+            return 1
         url, backend_of, name_of = stack.gateway_url, stack.backend_of, stack.name_of
     rows = []
     try:
