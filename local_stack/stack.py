@@ -21,7 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-LINK_MODELLED = ("nccl", "fs")  # the simulator's transports, which the profiler runs through the link model
+LINK_MODELLED = ("nccl", "fs", "pull")  # the simulator's transports, which the profiler runs through the link model
+
+
+def transport_of(engine: str, transfer: str) -> str:
+    """The profiler backend that measures a pair's KV path: the simulator's torch transports, or real vLLM's."""
+    if engine == "vllm":
+        return {"nixl": "nixl", "fs": "shared-storage"}[transfer]
+    return {"nixl": "pull"}.get(transfer, transfer)  # the simulator's NIXL reads blocks over TCP
 
 
 @dataclass
@@ -108,7 +115,7 @@ class LocalStack:
         out = {}
         for b in t.backends:
             dest = self.workdir / "profiles" / b.label
-            transport = "shared-storage" if t.engine == "vllm" and b.transfer == "fs" else b.transfer  # vLLM's own file format
+            transport = transport_of(t.engine, b.transfer)
             args = ["bandwidth_profiler.cli", "--backends", transport, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
                     "--num-points", "7", "--num-samples", "5", "--warmup-blocks", "4", "--output-dir", str(dest),
                     "--fs-dir", str(self.workdir / "kv-profile"), "--no-progress",
@@ -129,16 +136,19 @@ class LocalStack:
         suffix = "" if b.pairs == 1 else f"-{i}"
         name = f"{b.proxy_name}{suffix}"
         http_p, http_d, kv_port, proxy_port = free_port(), free_port(), free_port(), free_port()
-        lat = t.latency
+        lat = b.latency or t.latency
         common = ["--model", t.model, "--kv-backend", b.transfer, "--kv-dir", str(self.workdir / "kv" / name),
-                  "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms),
-                  "--prefill-tokens-per-second", str(lat.prefill_tokens_per_second), "--decode-ms-per-token", str(lat.decode_ms_per_token),
-                  "--batch-slowdown", str(lat.batch_slowdown), "--max-num-seqs", str(lat.max_num_seqs),
+                  "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms), *lat.sim_flags(),
                   "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                   "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
-        d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_port), *common])
-        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), *common])
-        if b.transfer == "nccl":
+        seed = 100 * t.backends.index(b) + 2 * i  # each instance its own noise
+        kv_d, kv_p = (["--kv-port", str(kv_port)], []) if b.transfer != "nixl" else ([], ["--kv-port", str(kv_port)])
+        d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), *kv_d, "--seed", str(seed), *common])
+        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), *kv_p, "--seed", str(seed + 1),
+                                                 *common])
+        if b.transfer == "nixl":
+            mode = ["--mode", "nixl", "--prefill", f"http://127.0.0.1:{http_p}", "--decode", f"http://127.0.0.1:{http_d}"]
+        elif b.transfer == "nccl":
             mode = ["--mode", "p2p-nccl", "--prefill", f"http://127.0.0.1:{http_p}=127.0.0.1:{free_port()}",
                     "--decode", f"http://127.0.0.1:{http_d}=127.0.0.1:{kv_port}"]
         else:

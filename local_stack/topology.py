@@ -34,10 +34,25 @@ class ModelShape(Strict):
 
 
 class Latency(Strict):
-    prefill_tokens_per_second: float = 20000.0
-    decode_ms_per_token: float = 10.0
-    batch_slowdown: float = 0.05
-    max_num_seqs: int = 32
+    """The simulators' engine: the scorer's model at the defaults; the rest is what real engines add (vllm_sim/engine.py)."""
+
+    prefill_tokens_per_second: float = Field(20000.0, gt=0)
+    decode_ms_per_token: float = Field(10.0, gt=0)
+    batch_slowdown: float = Field(0.05, ge=0)
+    max_num_seqs: int = Field(32, ge=1)
+    num_gpu_blocks: int = Field(4096, ge=1)  # fewer: KV capacity runs out and sequences are preempted
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    speed_noise: float = Field(0.0, ge=0)  # sigma of a per-step lognormal factor
+    slow_every: float = Field(0.0, ge=0)  # seconds between slow phases
+    slow_for: float = Field(0.0, ge=0)
+    slow_factor: float = Field(1.0, ge=1)
+
+    def sim_flags(self) -> list[str]:
+        return ["--prefill-tokens-per-second", str(self.prefill_tokens_per_second), "--decode-ms-per-token", str(self.decode_ms_per_token),
+                "--batch-slowdown", str(self.batch_slowdown), "--max-num-seqs", str(self.max_num_seqs),
+                "--num-gpu-blocks", str(self.num_gpu_blocks), "--max-num-batched-tokens", str(self.max_num_batched_tokens),
+                "--speed-noise", str(self.speed_noise), "--slow-every", str(self.slow_every), "--slow-for", str(self.slow_for),
+                "--slow-factor", str(self.slow_factor)]
 
 
 class VllmEngine(Strict):
@@ -64,6 +79,7 @@ class Backend(Strict):
     pairs: int = Field(1, ge=1, le=8)
     link_gbps: float = 0.0  # 0 = the real copy only
     link_latency_ms: float = 0.0
+    latency: Latency | None = None  # this backend's simulators, instead of the topology's latency
 
 
 VLLM_BACKENDS = [
@@ -99,6 +115,8 @@ class Topology(Strict):
         for b in self.backends:
             if self.engine == "vllm" and b.transfer == "nccl":
                 raise ValueError(f"backend {b.label}: vLLM has no P2P NCCL connector any more; use transfer: nixl")
+            if self.engine == "vllm" and b.latency is not None:
+                raise ValueError(f"backend {b.label}: latency settings are the simulator's; real vLLM runs at its own speed")
             if self.engine == "vllm" and (b.link_gbps or b.link_latency_ms):
                 raise ValueError(f"backend {b.label}: real vLLM's transfers run at this machine's speed; drop link_gbps/link_latency_ms")
         return self

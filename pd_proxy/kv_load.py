@@ -8,8 +8,9 @@ blocks only, so up to a block's remainder is computed); one that recomputed it c
 
 The proxy reads the decode's counters on every scrape and attributes the change to the requests
 whose first token arrived since the previous read (the counters move when the prompt is done,
-before the first token). Prompt tokens computed beyond each prompt's partial block — and beyond
-what requests still waiting for their first token may already have added — were recomputed. The
+just before the first token; a change seen while a request still waits for its first token is
+carried to the next read). Prompt tokens computed beyond each prompt's partial block were
+recomputed. The
 NIXL connector's own transfer-time histogram (`vllm:nixl_xfer_time_seconds`), when present, gives
 the measured KV-transfer times.
 """
@@ -37,6 +38,7 @@ class DecodeCounters:
     block_size: int = 16
     pending: list[tuple[float, int]] = field(default_factory=list)  # (first token at, prompt tokens)
     in_flight: int = 0  # decode requests without their first token yet
+    unmatched: dict[str, float] = field(default_factory=dict)  # counter changes not yet attributed to requests
 
 
 @dataclass
@@ -108,27 +110,32 @@ class KVLoadMonitor:
             c.tokens = tokens
             c.pending = [p for p in c.pending if p[0] > read_at]
             return None
-        delta = {s: tokens.get(s, 0.0) - c.tokens.get(s, 0.0) for s in SOURCES}
+        for s in SOURCES:  # counters that moved, not yet matched with requests
+            c.unmatched[s] = c.unmatched.get(s, 0.0) + tokens.get(s, 0.0) - c.tokens.get(s, 0.0)
         c.tokens = tokens
         served = [p for p in c.pending if p[0] <= read_at]
         c.pending = [p for p in c.pending if p[0] > read_at]
-        if not served and delta["local_compute"] <= 0:
+        if not served and c.in_flight:
+            return None  # counters of requests whose first token is still on its way: match them next time
+        delta, c.unmatched = c.unmatched, {}
+        if not served and delta.get("local_compute", 0.0) <= 0:
             return None
         b = c.block_size
         # each prompt's partial block is computed even when its KV is loaded; a request that has not
         # had its first token yet may already have added up to a block to the counters
         allowance = sum(t % b for _, t in served) + (b - 1) * c.in_flight
-        recomputed = max(0.0, delta["local_compute"] - allowance)
+        recomputed = max(0.0, delta.get("local_compute", 0.0) - allowance)
         whole = [t for _, t in served if t >= b]
         recomputed_requests = 0
         if recomputed >= b and whole:
-            if delta["external_kv_transfer"] <= 0:
+            if delta.get("external_kv_transfer", 0.0) <= 0:
                 recomputed_requests = len(whole)
             else:
                 mean_whole = sum(t - t % b for t in whole) / len(whole)
                 recomputed_requests = max(1, min(len(whole), round(recomputed / max(1.0, mean_whole))))
         elif recomputed < b:
             recomputed = 0.0
-        result = WindowResult(len(served), delta["external_kv_transfer"], delta["local_compute"], recomputed, recomputed_requests)
+        result = WindowResult(len(served), delta.get("external_kv_transfer", 0.0), delta.get("local_compute", 0.0), recomputed,
+                              recomputed_requests)
         self.on_window(url, result)
         return result

@@ -100,7 +100,8 @@ class PDProxy:
             raise ValueError(f"--kv-load-failure-policy must be one of {', '.join(nixl.FAILURE_POLICIES)}")
         self.cfg = cfg
         self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
-        self.kv_load = KVLoadMonitor(self._kv_window, lambda seconds, n: [self.metrics.kv_transfer_seconds.observe(seconds) for _ in range(n)])
+        self.kv_load = KVLoadMonitor(self._kv_window, self._kv_transfer_counted)
+        self._kv_reported = False  # the decode reports each request's KV wait itself (x-kv-transfer-seconds)
         self.pruner = StorePruner(cfg.shared_storage_path, cfg.shared_storage_ttl) if cfg.shared_storage_path else None
         self.profile: dict | None = None
         if cfg.profile_file:
@@ -134,6 +135,7 @@ class PDProxy:
     async def _start(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout))
+        await self._kv_baseline()
         self._scraper = asyncio.create_task(self._scrape_loop())
         if self.pruner is not None:
             self.pruner.start()
@@ -281,6 +283,7 @@ class PDProxy:
                     raise KVLoadFailure(first.decode("utf-8", "replace").strip()[:300])
                 kv_s = r.headers.get("x-kv-transfer-seconds")
                 if kv_s:
+                    self._kv_reported = True
                     m.kv_transfer_seconds.observe(float(kv_s))
                 out = web.StreamResponse(status=r.status, headers={
                     "Content-Type": r.headers.get("Content-Type", "application/json"),
@@ -312,6 +315,26 @@ class PDProxy:
         finally:
             if first_at is None:
                 self.kv_load.abandoned(d.url)
+
+    async def _kv_baseline(self) -> None:
+        """The decodes' token-source counters before the first request, so that one is checked too."""
+        assert self.session is not None
+
+        async def read(inst: Instance) -> None:
+            try:
+                at = time.monotonic()
+                async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    self.kv_load.absorb(inst.url, await r.text(), at)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass  # not up yet: the scrape loop takes the baseline later
+
+        await asyncio.gather(*(read(d) for d in self.cfg.decodes))
+
+    def _kv_transfer_counted(self, seconds: float, transfers: int) -> None:
+        """New transfers in the decode's NIXL histogram (real vLLM reports no per-request KV time): their mean, once each."""
+        if not self._kv_reported:
+            for _ in range(transfers):
+                self.metrics.kv_transfer_seconds.observe(seconds)
 
     def _kv_window(self, url: str, w: WindowResult) -> None:
         """A read of a decode's token-source counters: metrics, and a warning when it recomputed prompts."""

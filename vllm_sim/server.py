@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from vllm_sim.engine import Engine, LatencyModel
-from vllm_sim.kv_io import KVConfig, KVSide
+from vllm_sim.kv_io import KVConfig, KVLoadError, KVSide
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -36,24 +36,29 @@ class SimConfig:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     default_max_tokens: int = 16
+    kv_load_failure_policy: str = "fail"  # nixl decode: fail the request, or compute the prompt (vLLM's kv_load_failure_policy)
+
+
+def prompt_text(body: dict) -> str:
+    if "messages" in body:
+        return " ".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
+                        for m in body["messages"] if isinstance(m, dict))
+    p = body.get("prompt", "")
+    return p if isinstance(p, str) else " ".join(map(str, p))
 
 
 def estimate_tokens(body: dict) -> int:
-    if "messages" in body:
-        text = " ".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-    else:
-        p = body.get("prompt", "")
-        if isinstance(p, list) and p and isinstance(p[0], int):
-            return len(p)
-        text = p if isinstance(p, str) else " ".join(map(str, p))
-    return max(1, len(text) // 4)
+    p = body.get("prompt")
+    if "messages" not in body and isinstance(p, list) and p and isinstance(p[0], int):
+        return len(p)
+    return max(1, len(prompt_text(body)) // 4)
 
 
 class Simulator:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.engine = Engine(cfg.latency)
-        self.kv = KVSide(cfg.role, cfg.kv)
+        self.kv = KVSide(cfg.role, cfg.kv, cfg.model)
         self.rng = random.Random(cfg.seed)
         self.requests_seen = 0
         self.dead: str | None = None
@@ -70,6 +75,14 @@ class Simulator:
         self.c_prompt = Counter("vllm:prompt_tokens", "Prompt tokens.", labels, registry=r)
         self.c_gen = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
         self.c_success = Counter("vllm:request_success", "Finished requests.", (*labels, "finished_reason"), registry=r)
+        self.c_by_source = Counter("vllm:prompt_tokens_by_source", "Prompt tokens by source (vLLM's names).", (*labels, "source"), registry=r)
+        for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+            self.c_by_source.labels(*(cfg.model, "0"), source)
+        self.c_preempt = Counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).", labels, registry=r)
+        if cfg.kv.backend == "nixl" and cfg.role == "decode":  # NixlConnector's own transfer statistics
+            self.h_nixl = Histogram("vllm:nixl_xfer_time_seconds", "NIXL transfer time.", labels, buckets=TTFT_BUCKETS, registry=r)
+            self.h_nixl_bytes = Histogram("vllm:nixl_bytes_transferred", "Bytes per NIXL transfer.", labels,
+                                          buckets=tuple(2.0 ** k for k in range(11, 34, 2)), registry=r)
         self.g_cache_info.labels(str(cfg.latency.block_size), str(cfg.latency.num_gpu_blocks), "0").set(1)
         self._l = (cfg.model, "0")
 
@@ -80,6 +93,8 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.on_startup.append(lambda _: self.kv.start())
+        app.on_cleanup.append(lambda _: self.kv.close())
         return app
 
     # -- plain routes ---------------------------------------------------------------------------
@@ -93,9 +108,12 @@ class Simulator:
 
     async def metrics(self, request: web.Request) -> web.Response:
         e = self.engine
-        self.g_running.labels(*self._l).set(e.running)
-        self.g_waiting.labels(*self._l).set(e.waiting)
+        self.g_running.labels(*self._l).set(e.num_running)
+        self.g_waiting.labels(*self._l).set(e.num_waiting)
         self.g_kv.labels(*self._l).set(e.kv_cache_usage)
+        new = e.preemptions - self.c_preempt.labels(*self._l)._value.get()
+        if new > 0:
+            self.c_preempt.labels(*self._l).inc(new)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- generation -----------------------------------------------------------------------------
@@ -130,56 +148,93 @@ class Simulator:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
         if self.cfg.role == "prefill":
             max_tokens = 1
+        max_tokens = int(max_tokens)
         stream = body.get("stream") is True
+        params = body.get("kv_transfer_params")
         t0 = time.monotonic()
         engine = self.engine
-        await engine.admit()
-        blocks = engine.blocks(prompt_tokens + int(max_tokens))
-        engine.used_blocks += blocks
-        try:
-            kv_wait = 0.0
-            skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
-            if self.cfg.role == "decode" and self.kv.receiver is not None and not skip_kv:
-                tk = time.monotonic()
-                try:
-                    await self.kv.receive(request_id)
-                except (TimeoutError, ValueError) as e:
-                    return self._error(500, str(e), "InternalServerError")
-                kv_wait = time.monotonic() - tk
+        held = False
+        kv_wait, reply_params, cached = 0.0, None, 0
+        skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
+        if self.cfg.role == "decode" and not skip_kv:
+            try:
+                loaded = await self.kv.load(request_id, prompt_tokens, prompt_text(body), params)
+            except KVLoadError as e:
+                if self.cfg.kv_load_failure_policy != "recompute":
+                    print(f"vllm-sim: failing request {request_id} due to KV load failure (failure_policy=fail): {e}", flush=True)
+                    return await self._failed(request, stream, f"KV load failure: {e}")
+                loaded = None  # vLLM's recompute policy: the decode computes the prompt
+            except (TimeoutError, ValueError) as e:
+                return self._error(500, str(e), "InternalServerError")
+            if loaded is not None and loaded.tokens:
+                cached = loaded.tokens
+                kv_wait = loaded.seconds
                 self.h_kv_wait.labels(*self._l).observe(kv_wait)
-            else:
-                await engine.prefill(prompt_tokens)
-                if self.cfg.role == "prefill":
-                    try:
-                        await self.kv.send(request_id, prompt_tokens)
-                    except ValueError as e:
-                        return self._error(400, str(e))
+                if self.cfg.kv.backend == "nixl":
+                    self.h_nixl.labels(*self._l).observe(loaded.seconds)
+                    self.h_nixl_bytes.labels(*self._l).observe(loaded.nbytes)
+        try:
+            seq = engine.submit(prompt_tokens, max_tokens, cached)
+        except ValueError as e:
+            return self._error(400, str(e))
+        try:
+            self.c_by_source.labels(*self._l, "external_kv_transfer").inc(cached)
+            self.c_by_source.labels(*self._l, "local_compute").inc(prompt_tokens - cached)
             self.c_prompt.labels(*self._l).inc(prompt_tokens)
-            ids = ("chatcmpl-" if chat else "cmpl-") + request_id + ("" if chat else "-0")
+            if self.cfg.role == "prefill":
+                await engine.next_token(seq)  # the prompt is computed (and its one token sampled)
+                self.h_ttft.labels(*self._l).observe(time.monotonic() - t0)
+                try:
+                    if self.cfg.kv.backend == "nixl":
+                        if isinstance(params, dict) and params.get("do_remote_decode"):
+                            reply_params = await self.kv.hold(request_id, prompt_tokens, lambda: engine.release(seq))
+                            held = True  # the blocks stay in the engine until a decode reads them
+                    else:
+                        await self.kv.send(request_id, prompt_tokens, prompt_text(body))
+                except ValueError as e:
+                    return self._error(400, str(e))
+            ids = ("chatcmpl-" if chat else "cmpl-") + request_id  # vLLM: no "-0" suffix
             headers = {"x-kv-transfer-seconds": f"{kv_wait:.6f}", "x-request-id": request_id}
             if stream:
-                return await self._stream(request, ids, chat, int(max_tokens), prompt_tokens, t0, headers, body)
-            for _ in range(int(max_tokens)):
-                await engine.next_token()
-                if _ == 0:
+                return await self._stream(request, ids, chat, seq, prompt_tokens, cached, t0, headers, body)
+            for i in range(max_tokens):
+                if i or self.cfg.role != "prefill":
+                    await engine.next_token(seq)
+                if i == 0 and self.cfg.role != "prefill":
                     self.h_ttft.labels(*self._l).observe(time.monotonic() - t0)
-            text = " ".join(f"tok{i}" for i in range(int(max_tokens)))
-            self._finish(int(max_tokens), t0)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": int(max_tokens), "total_tokens": prompt_tokens + int(max_tokens)}
+            text = " ".join(f"tok{i}" for i in range(max_tokens))
+            self._finish(max_tokens, t0)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens,
+                     "prompt_tokens_details": {"cached_tokens": cached}}
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat
                       else {"index": 0, "text": text, "finish_reason": "length"})
             return web.json_response({"id": ids, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                                      "model": self.cfg.model, "choices": [choice], "usage": usage}, headers=headers)
+                                      "model": self.cfg.model, "choices": [choice], "usage": usage, "kv_transfer_params": reply_params},
+                                     headers=headers)
         finally:
-            engine.release(blocks)
+            if not held:
+                engine.release(seq)
 
-    async def _stream(self, request, ids, chat, max_tokens, prompt_tokens, t0, headers, body) -> web.StreamResponse:
+    async def _failed(self, request: web.Request, stream: bool, message: str) -> web.StreamResponse:
+        """A request vLLM fails with finish_reason `error`: 500, or for a stream an error event, then [DONE]."""
+        if not stream:
+            return self._error(500, "Internal server error", "InternalServerError")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        err = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}}
+        await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _stream(self, request, ids, chat, seq, prompt_tokens, cached, t0, headers, body) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await resp.prepare(request)
         kind = "chat.completion.chunk" if chat else "text_completion"
+        max_tokens = seq.max_tokens
         last = time.monotonic()
         for i in range(max_tokens):
-            await self.engine.next_token()
+            if i or self.cfg.role != "prefill":  # a prefill's one token was sampled with its prompt
+                await self.engine.next_token(seq)
             now = time.monotonic()
             if i == 0:
                 self.h_ttft.labels(*self._l).observe(now - t0)
@@ -190,7 +245,8 @@ class Simulator:
             await resp.write(b"data: " + json.dumps({"id": ids, "object": kind, "model": self.cfg.model, "choices": [delta]}).encode() + b"\n\n")
         final = {"id": ids, "object": kind, "model": self.cfg.model, "choices": [{"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}]}
         if (body.get("stream_options") or {}).get("include_usage", True):
-            final["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens}
+            final["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens,
+                              "prompt_tokens_details": {"cached_tokens": cached}}
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
