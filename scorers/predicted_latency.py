@@ -10,13 +10,18 @@ k requests already in flight on e:
     score(e) = min over candidates of cost / cost(e)
 
 * transfer(e, t): the endpoint's measured KV-transfer profile at t tokens (0 without a profile);
+  when the pair's proxy reports that its decode recomputes prompts instead of loading their KV
+  (`pdproxy_kv_recompute_ratio` r), that share costs a prefill instead: (1 − r) × transfer +
+  r × t / prefill_tps (named `kv_recomputing` in the log);
 * prefill_tps: the proxy's measured prefill speed (`pdproxy_prefill_tokens_per_second`);
 * spt(e): the unloaded time per output token: the proxy's measured decode time per token
   (`pdproxy_decode_seconds_per_token`, measured under the load of the moment) divided by that
-  load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. Until an
-  endpoint has measured its speeds the plugin's defaults stand in; speeds older than the
-  metrics-staleness threshold are still used (a speed changes slowly; the load terms come from
-  this EPP's own bookings, not from scrapes) and those endpoints are named in the log;
+  load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. An endpoint
+  that has not measured a speed is never taken for the fastest: it is assumed as slow as the
+  slowest measured candidate, and no faster than the plugin's defaults (named `unmeasured` in the
+  log). Speeds older than the metrics-staleness threshold are still used (a speed changes slowly;
+  the load terms come from this EPP's own bookings, not from scrapes) and those endpoints are
+  named in the log;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
 * wait(e): how long work this EPP already sent to e keeps its serial prefill-and-transfer stage
   busy. Every scheduled request pushes e's stage by its own prefill + transfer estimate, so the
@@ -90,12 +95,20 @@ class PredictedLatencyScorer:
         end = max((f.stage_end for f in self._flights.get(key, {}).values()), default=now)
         return max(0.0, end - now)
 
-    def _speeds(self, e: Endpoint, k: int) -> tuple[float, float]:
+    def _speeds(self, e: Endpoint, k: int, slowest: tuple[float, float]) -> tuple[float, float]:
+        """(prefill tokens/s, unloaded seconds per token); `slowest` stands in for what the endpoint has not measured."""
         m = e.metrics
-        tps = m.prefill_tokens_per_second or self.default_prefill_tps
+        tps = m.prefill_tokens_per_second or slowest[0]
         spt = m.decode_seconds_per_token
-        spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else self.default_decode_spt
+        spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else slowest[1]
         return tps, spt
+
+    def _slowest(self, endpoints: Sequence[Endpoint]) -> tuple[float, float]:
+        """The slowest measured speeds among the candidates, never faster than the defaults."""
+        tps = [e.metrics.prefill_tokens_per_second for e in endpoints if e.metrics.prefill_tokens_per_second]
+        spt = [e.metrics.decode_seconds_per_token / (1.0 + self.batch_slowdown * max(0, len(self._flights.get(e.key, {})) - 1))
+               for e in endpoints if e.metrics.decode_seconds_per_token]
+        return min([self.default_prefill_tps, *tps]), max([self.default_decode_spt, *spt])
 
     def _delay(self, flights: Sequence[Flight], n: int, spt: float, now: float) -> float:
         """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
@@ -118,12 +131,21 @@ class PredictedLatencyScorer:
         stale = [e.key for e in endpoints if e.metrics.age(wall) > self.staleness]
         if stale:
             state.notes.setdefault(self.name, {})["no_fresh_metrics"] = stale
+        unmeasured = [e.key for e in endpoints if not (e.metrics.prefill_tokens_per_second and e.metrics.decode_seconds_per_token)]
+        if unmeasured:
+            state.notes.setdefault(self.name, {})["unmeasured"] = unmeasured
+        recomputing = {e.key: round(e.metrics.kv_recompute_ratio, 3) for e in endpoints if e.metrics.kv_recompute_ratio}
+        if recomputing:
+            state.notes.setdefault(self.name, {})["kv_recomputing"] = recomputing
+        slowest = self._slowest(endpoints)
         for e in endpoints:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
-            tps, spt = self._speeds(e, k)
+            tps, spt = self._speeds(e, k, slowest)
             prefill = request.prompt_tokens / tps
             xfer = transfer.get(e.key, 0.0)
+            r = min(1.0, recomputing.get(e.key, 0.0))
+            xfer = (1.0 - r) * xfer + r * prefill  # a decode that recomputes pays a prefill, not a transfer
             wait = self._wait(e.key, now)
             ttft = wait + prefill + xfer + spt
             e2e = ttft + max(0, n - 1) * spt * (1.0 + self.batch_slowdown * k)

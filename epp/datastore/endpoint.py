@@ -59,6 +59,7 @@ class EndpointMetrics:
     proxy_in_flight: float | None = None  # the P/D proxy's own in-flight requests
     prefill_tokens_per_second: float | None = None  # measured prefill speed, if exported
     decode_seconds_per_token: float | None = None  # measured inter-token latency, if exported
+    kv_recompute_ratio: float | None = None  # share of prompt tokens the pair's decode recomputed instead of loading (proxy)
     transfer_profile: TransferProfile | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
     error: str | None = None  # last scrape error, if the last attempt failed
