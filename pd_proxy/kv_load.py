@@ -5,12 +5,15 @@ vLLM counts every prompt token by where it came from, on the instance that serve
 A decode that loaded a prompt's KV counts it as `external_kv_transfer` (shared storage moves whole
 blocks only, so up to a block's remainder is computed); one that recomputed it counts
 `local_compute` — the outputs are the same, so without this check nothing would tell.
+Shared storage (ExampleConnector) stores the whole blocks before the prompt's last token, so
+1 to `block_size` tokens of every prompt are computed anyway; NIXL moves them all.
 
 The proxy reads the decode's counters on every scrape and attributes the change to the requests
-whose first token arrived since the previous read (the counters move when the prompt is done,
-just before the first token; a change seen while a request still waits for its first token is
-carried to the next read). Prompt tokens computed beyond each prompt's partial block were
-recomputed. The
+whose first token arrived since the last attribution (the counters move when the prompt is done,
+just before the first token). It attributes at a read when no request waits for its first token
+on that decode, so that each request's tokens are matched with it; under steady load at least
+every few reads, allowing a block per request still in flight. Prompt tokens computed beyond
+what each prompt computes anyway were recomputed. The
 NIXL connector's own transfer-time histogram (`vllm:nixl_xfer_time_seconds`), when present, gives
 the measured KV-transfer times.
 """
@@ -25,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 RATIO_EWMA = 0.3
+MAX_DEFERRED = 5  # under steady load, attribute at least every this many reads (allowing for requests in flight)
 log = logging.getLogger("pd_proxy.kv_load")
 
 
@@ -39,6 +43,7 @@ class DecodeCounters:
     pending: list[tuple[float, int]] = field(default_factory=list)  # (first token at, prompt tokens)
     in_flight: int = 0  # decode requests without their first token yet
     unmatched: dict[str, float] = field(default_factory=dict)  # counter changes not yet attributed to requests
+    deferred: int = 0  # reads since the last attribution
 
 
 @dataclass
@@ -113,25 +118,27 @@ class KVLoadMonitor:
         for s in SOURCES:  # counters that moved, not yet matched with requests
             c.unmatched[s] = c.unmatched.get(s, 0.0) + tokens.get(s, 0.0) - c.tokens.get(s, 0.0)
         c.tokens = tokens
+        if c.in_flight and c.deferred < MAX_DEFERRED:
+            c.deferred += 1  # a request between its prompt and its first token may be in these counters: match at a quieter read
+            return None
         served = [p for p in c.pending if p[0] <= read_at]
         c.pending = [p for p in c.pending if p[0] > read_at]
-        if not served and c.in_flight:
-            return None  # counters of requests whose first token is still on its way: match them next time
-        delta, c.unmatched = c.unmatched, {}
+        delta, c.unmatched, c.deferred = c.unmatched, {}, 0
         if not served and delta.get("local_compute", 0.0) <= 0:
             return None
         b = c.block_size
-        # each prompt's partial block is computed even when its KV is loaded; a request that has not
-        # had its first token yet may already have added up to a block to the counters
-        allowance = sum(t % b for _, t in served) + (b - 1) * c.in_flight
+        # shared storage loads the whole blocks before a prompt's last token, so up to a block of each
+        # prompt is computed even when its KV is loaded; a request that has not had its first token
+        # yet may already have added as much to the counters
+        allowance = sum(t - (t - 1) // b * b for _, t in served) + b * c.in_flight  # 1..b tokens each
         recomputed = max(0.0, delta.get("local_compute", 0.0) - allowance)
-        whole = [t for _, t in served if t >= b]
+        whole = [t for _, t in served if t > b]  # prompts with at least one block to load
         recomputed_requests = 0
         if recomputed >= b and whole:
             if delta.get("external_kv_transfer", 0.0) <= 0:
                 recomputed_requests = len(whole)
             else:
-                mean_whole = sum(t - t % b for t in whole) / len(whole)
+                mean_whole = sum((t - 1) // b * b for t in whole) / len(whole)
                 recomputed_requests = max(1, min(len(whole), round(recomputed / max(1.0, mean_whole))))
         elif recomputed < b:
             recomputed = 0.0

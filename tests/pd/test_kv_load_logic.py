@@ -27,10 +27,10 @@ def monitor():
 def test_loaded_prompts_are_not_reported():
     m, windows, _ = monitor()
     m.absorb("d", counters(0, 0), 1.0)
-    for t in (100, 64, 20):  # shared storage: whole blocks loaded, the rest (and a short prompt) computed
+    for t in (100, 64, 20):  # shared storage: whole blocks before the last token loaded, the rest (and a short prompt) computed
         m.started("d")
         m.first_token("d", 1.5, t)
-    m.absorb("d", counters(100 % 32 + 64 % 32 + 20, 96 + 64), 2.0)
+    m.absorb("d", counters(4 + 32 + 20, 96 + 32), 2.0)
     assert windows[-1].recomputed_requests == 0 and windows[-1].recomputed_tokens == 0 and windows[-1].requests == 3
 
 
@@ -91,3 +91,17 @@ def test_shared_storage_pruner_removes_old_entries(tmp_path):
     os.utime(old / "model.layers.0.self_attn.attn.safetensors", (past, past))
     assert prune(tmp_path, ttl=300) == (1, 100)
     assert not old.exists() and fresh.exists()
+
+
+def test_a_read_during_the_next_request_keeps_both_apart():
+    """Request 1 done, request 2 counted but without its first token: both recomputations are counted once quiet."""
+    m, windows, _ = monitor()
+    m.absorb("d", counters(0, 0), 1.0)
+    m.started("d")
+    m.first_token("d", 1.5, 51)
+    m.started("d")
+    m.absorb("d", counters(51 + 128, 0), 2.0)
+    assert windows == []
+    m.first_token("d", 2.5, 128)
+    m.absorb("d", counters(51 + 128, 0), 3.0)
+    assert windows[-1].recomputed_requests == 2 and windows[-1].requests == 2

@@ -198,12 +198,24 @@ def test_decision_log_and_scraped_metrics(stack, served):
     assert {d["kv_backend"] for d in decisions} == {"nvlink", "fs"}
     summary = subprocess.run([sys.executable, "-m", "epp.cli", "decisions", str(stack.epp_log)], capture_output=True, text=True, timeout=60)
     assert summary.returncode == 0 and "vllm-nixl-proxy" in summary.stdout and "vllm-fs-proxy" in summary.stdout
-    eps = subprocess.run([sys.executable, "-m", "epp.cli", "endpoints", "--address", f"127.0.0.1:{stack.ports.grpc_health}"],
-                         capture_output=True, text=True, timeout=60)
-    assert eps.returncode == 0, eps.stderr
-    for p in stack.proxies:  # the EPP scraped vLLM's gauges through each proxy, and its measured transfer profile
-        line = next(line for line in eps.stdout.splitlines() if p.name in line)
-        assert "running=" in line and "kv_cache_usage=" in line and "transfer 1→" in line, line
+
+    # predicted-latency reads the proxies' metrics (the default profile needs none): the EPP scrapes them
+    stack.start_epp("predicted-latency")
+    more = _requests(seed=7, sizes=(40, 90, 160, 260))
+    asyncio.run(_send_all(stack.gateway_url, more, concurrency=2, header=False))
+
+    def scraped() -> list[str]:
+        out = subprocess.run([sys.executable, "-m", "epp.cli", "endpoints", "--address", f"127.0.0.1:{stack.ports.grpc_health}"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "kv-backend=" in line]
+
+    # vLLM's gauges through each proxy, its measured prefill speed and the real transport's profile
+    assert wait_until(lambda: all("running=" in line and "kv_cache_usage=" in line and "prefill_tokens_per_second=" in line
+                                  and "transfer 1→" in line for line in scraped()), 15), scraped()
+    notes = [json.loads(line)["notes"]["predicted-latency-scorer"] for line in stack.epp_log.read_text().splitlines()
+             if '"Scoring decision"' in line and '"predicted-latency"' in line]
+    assert len(notes) == len(more) and all(set(n["ttft_ms"]) == {p.name for p in stack.proxies} for n in notes)
 
 
 def test_a_decode_that_recomputes_is_reported(stack, served, reference, tmp_path):
