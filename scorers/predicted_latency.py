@@ -41,6 +41,12 @@ The model calibrates itself per endpoint: when a request it routed completes, th
 duration over the E2E predicted at routing time feeds an EWMA `calibration(e)` (clamped to
 [0.5, 3]). Whatever the model misses on a pair — a busy host, a prefill speed measured under
 other load — shows up there and moves traffic. The estimates appear in the decision log.
+
+Noise is not a difference: a measured speed or calibration less than `speedTolerance` (default
+1.5×) worse than the best candidate's is taken to be as good as it. On a contended
+host every pair's measurements wander by tens of percent; acting on that sent most traffic to
+whichever pair last looked faster, and its queue made the TTFT tail (see docs/routing.md).
+A real difference — a pair twice as slow — is beyond the tolerance and still counts.
 """
 
 from __future__ import annotations
@@ -75,8 +81,9 @@ class PredictedLatencyScorer:
 
     def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic,
                  batch_slowdown: float = 0.05, default_output_tokens: int = 64, contention_weight: float = 1.0,
-                 staleness: float = 2.0) -> None:
+                 staleness: float = 2.0, speed_tolerance: float = 1.5) -> None:
         self.name = name
+        self.speed_tolerance = speed_tolerance
         self.staleness = staleness
         self.batch_slowdown = batch_slowdown
         self.default_output_tokens = default_output_tokens
@@ -102,6 +109,19 @@ class PredictedLatencyScorer:
         spt = m.decode_seconds_per_token
         spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else slowest[1]
         return tps, spt
+
+    def _within_noise(self, values: dict[str, float], higher_is_faster: bool = False) -> dict[str, float]:
+        """Per endpoint, the fastest candidate's value unless its own is slower by more than `speedTolerance`.
+
+        Pairs on a busy host measure noisy speeds: one catches a stall and reads 30% slower, and a
+        scorer that believed it would send everything to the other until that one queues up. Only a
+        difference beyond the tolerance is taken as real (a slower GPU, a pair that stalls).
+        """
+        if self.speed_tolerance <= 1.0 or len(values) < 2:
+            return values
+        best = max(values.values()) if higher_is_faster else min(values.values())
+        slower = (lambda v: best / v) if higher_is_faster else (lambda v: v / best)
+        return {k: v if slower(v) > self.speed_tolerance else best for k, v in values.items()}
 
     def _slowest(self, endpoints: Sequence[Endpoint]) -> tuple[float, float]:
         """The slowest measured speeds among the candidates, never faster than the defaults."""
@@ -138,10 +158,14 @@ class PredictedLatencyScorer:
         if recomputing:
             state.notes.setdefault(self.name, {})["kv_recomputing"] = recomputing
         slowest = self._slowest(endpoints)
+        speeds = {e.key: self._speeds(e, len(self._flights.get(e.key, {})), slowest) for e in endpoints}
+        tps_of = self._within_noise({k: v[0] for k, v in speeds.items()}, higher_is_faster=True)
+        spt_of = self._within_noise({k: v[1] for k, v in speeds.items()})
+        cal_of = self._within_noise({e.key: self.calibration.get(e.key, 1.0) for e in endpoints})
         for e in endpoints:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
-            tps, spt = self._speeds(e, k, slowest)
+            tps, spt = tps_of[e.key], spt_of[e.key]
             prefill = request.prompt_tokens / tps
             xfer = transfer.get(e.key, 0.0)
             r = min(1.0, recomputing.get(e.key, 0.0))
@@ -150,7 +174,7 @@ class PredictedLatencyScorer:
             ttft = wait + prefill + xfer + spt
             e2e = ttft + max(0, n - 1) * spt * (1.0 + self.batch_slowdown * k)
             delay = self._delay(flights, n, spt, now)
-            c = self.calibration.get(e.key, 1.0)
+            c = cal_of[e.key]
             out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "spt": spt, "ttft": ttft * c, "e2e": e2e * c,
                           "raw_e2e": e2e, "delay": delay * c, "cost": (e2e + self.contention_weight * delay) * c, "calibration": c}
         state.write(STATE_KEY, out)
@@ -221,6 +245,7 @@ def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> Pr
         default_output_tokens=int(_number(name, "defaultOutputTokens", p("defaultOutputTokens", 64), positive=True)),
         contention_weight=_number(name, "contentionWeight", p("contentionWeight", 1.0), positive=False),
         staleness=float((ctx.services or {}).get("metrics_staleness", 2.0)),
+        speed_tolerance=_number(name, "speedTolerance", p("speedTolerance", 1.5), positive=True),
     )
     if ctx.datastore is not None:
         ctx.datastore.on_removal(s.forget_endpoint)

@@ -223,3 +223,18 @@ def test_predicted_latency_prices_a_recomputing_decode_as_a_prefill():
     est = st.read("predicted-latency")
     assert est["recomputes"]["transfer"] == pytest.approx(0.16) and est["loads"]["transfer"] == pytest.approx(0.110)
     assert st.notes["predicted-latency-scorer"]["kv_recomputing"] == {"recomputes": 1.0}
+
+
+def test_predicted_latency_takes_small_speed_differences_for_noise():
+    """Pairs on one busy host read speeds 20% apart: no preference; twice as slow is a real difference."""
+    s = make("predicted-latency-scorer")
+    a = ep("a", prefill_tokens_per_second=10000.0, decode_seconds_per_token=0.012)
+    b = ep("b", prefill_tokens_per_second=8500.0, decode_seconds_per_token=0.010)
+    assert s.score(CycleState(), req(500), [a, b]) == [1.0, 1.0]
+    slow = ep("slow", prefill_tokens_per_second=4000.0, decode_seconds_per_token=0.025)
+    st = CycleState()
+    scores = s.score(st, req(500), [a, slow])
+    assert scores[0] == 1.0 and scores[1] < 0.6
+    assert st.read("predicted-latency")["slow"]["spt"] == pytest.approx(0.025)
+    strict = make("predicted-latency-scorer", {"speedTolerance": 1})  # 1: every difference counts, as before
+    assert min(strict.score(CycleState(), req(500), [a, b])) < 1.0
