@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
+    a("--interleave", action="store_true", help="run every profile on one scenario before the next (restarting the EPP each time)")
     a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
     a("--engine", default=None, choices=("sim", "vllm"),
@@ -118,30 +119,34 @@ def main(argv: list[str] | None = None) -> int:
         url, backend_of, name_of = stack.gateway_url, stack.backend_of, stack.name_of
     rows = []
     try:
-        for profile in profiles:
+        # profile by profile, or with --interleave scenario by scenario (every profile in turn), so that a
+        # shared machine's load drifting over minutes does not land on one profile
+        order = [(p, sc) for sc in scens for p in profiles] if args.interleave else [(p, sc) for p in profiles for sc in scens]
+        warmed = None
+        for profile, (dist, qps) in order:
             if stack is not None and stack.profile != profile:
                 stack.start_epp(profile)
-            if args.warmup:
+            if args.warmup and warmed != (profile, stack.epp if stack else None):
                 warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
                 asyncio.run(run_workload(url, args.model, [w for w in warm]))
-            for dist, qps in scens:
-                scen = dist if dist == "burst" else f"{dist}@{qps:g}"
-                workload = build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed,
-                                          args.dataset_path)
-                with tqdm(total=len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
-                    results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
-                summary = summarize(results, duration, backend_of, name_of)
-                name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
-                meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
-                        "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
-                        "command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                write_run(out, name, summary, results, meta)
-                rows.append({"profile": profile, "scenario": scen, "summary": summary})
-                t, e = summary["ttft_s"], summary["e2e_s"]
-                print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
-                      f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
-                      f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}", flush=True)
+                warmed = (profile, stack.epp if stack else None)
+            scen = dist if dist == "burst" else f"{dist}@{qps:g}"
+            workload = build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed,
+                                      args.dataset_path)
+            with tqdm(total=len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
+                results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
+            summary = summarize(results, duration, backend_of, name_of)
+            name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
+            meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
+                    "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
+                    "command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_run(out, name, summary, results, meta)
+            rows.append({"profile": profile, "scenario": scen, "summary": summary})
+            t, e = summary["ttft_s"], summary["e2e_s"]
+            print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
+                  f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
+                  f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}", flush=True)
     finally:
         if stack is not None:
             stack.stop()
