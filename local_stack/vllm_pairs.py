@@ -32,8 +32,9 @@ def prepare(stack: "LocalStack", progress) -> VllmCpu:
     return engine
 
 
-def start_server(stack: "LocalStack", engine: VllmCpu, name: str, port: int, kv: dict | None, side_port: int | None = None) -> Child:
-    return stack.procs.start_command(name, engine.command(port, kv), engine.env(side_port))
+def start_server(stack: "LocalStack", engine: VllmCpu, name: str, port: int, kv: dict | None, side_port: int | None = None,
+                 whole_prefills: bool = False) -> Child:
+    return stack.procs.start_command(name, engine.command(port, kv, whole_prefills=whole_prefills), engine.env(side_port))
 
 
 def start_pair(stack: "LocalStack", engine: VllmCpu, b: "Backend", i: int, profile: Path | None, free_port) -> list[tuple[Child, str]]:
@@ -48,7 +49,8 @@ def start_pair(stack: "LocalStack", engine: VllmCpu, b: "Backend", i: int, profi
     else:
         store = stack.workdir / "kv" / name
         store.mkdir(parents=True, exist_ok=True)
-        p = start_server(stack, engine, f"{name}-prefill", http_p, kv_transfer_config("shared-storage", "prefill", store))
+        p = start_server(stack, engine, f"{name}-prefill", http_p, kv_transfer_config("shared-storage", "prefill", store),
+                         whole_prefills=True)  # ExampleConnector stores a chunked prompt incomplete (vllm_cpu/server.py)
         d = start_server(stack, engine, f"{name}-decode", http_d, kv_transfer_config("shared-storage", "decode", store))
         mode = ["--mode", "shared-storage", "--prefill-service", f"vllm-prefill-{b.label}{suffix}",
                 "--decode-service", f"vllm-decode-{b.label}{suffix}", "--shared-storage-path", str(store)]

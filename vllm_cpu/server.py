@@ -72,7 +72,8 @@ class VllmCpu:
             env.update(VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1", VLLM_NIXL_SIDE_CHANNEL_PORT=str(side_channel_port))
         return env
 
-    def command(self, port: int, kv_transfer_config: dict | None = None, host: str = "127.0.0.1") -> list[str]:
+    def command(self, port: int, kv_transfer_config: dict | None = None, host: str = "127.0.0.1", whole_prefills: bool = False) -> list[str]:
+        """`whole_prefills`: never split a prompt across steps (ExampleConnector's prefill: see no_chunking())."""
         cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--served-model-name", self.served_model_name, "--host", host, "--port", str(port), "--dtype", "float32",
                "--max-model-len", str(self.max_model_len), "--enforce-eager", "--block-size", str(self.block_size),
@@ -80,7 +81,16 @@ class VllmCpu:
                "--enable-prompt-tokens-details", "--disable-uvicorn-access-log"]
         if kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+        if whole_prefills:
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(self.max_model_len)]
         return cmd
+
+
+# ExampleConnector stores a prompt's KV when the request is first scheduled, from the blocks computed in
+# that step: a prompt chunked across steps (a long one, or any under concurrent load) is stored
+# incomplete under its full prompt's hash, and the decode that finds it dies loading it ("shape
+# mismatch: value tensor of shape [320, 2, 128] cannot be broadcast to indexing result of shape
+# [992, 2, 128]", EngineDeadError). Its prefill must compute every prompt in one step.
 
 
 def kv_transfer_config(connector: str, role: str, storage_path: str | Path | None = None, failure_policy: str = "fail") -> dict:
