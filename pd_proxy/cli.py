@@ -33,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-load-failure-policy", choices=FAILURE_POLICIES, default="recompute",
                    help="nixl: when the decode fails to load the KV, retry it on the decode without KV (it computes the prompt) or answer 502")
     p.add_argument("--shared-storage-path", default=None,
-                   help="shared-storage: the connector's directory; entries untouched for --shared-storage-ttl are removed")
-    p.add_argument("--shared-storage-ttl", type=float, default=300.0, help="seconds an untouched shared-storage entry is kept")
+                   help="shared-storage: the connector's directory; entries written longer ago than --shared-storage-ttl are removed")
+    p.add_argument("--shared-storage-ttl", type=float, default=3600.0,
+                   help="seconds a shared-storage entry is kept after it was written (vLLM reuses an entry without touching it)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between instance health/metrics reads")
     return p
 

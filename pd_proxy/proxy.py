@@ -68,7 +68,7 @@ class ProxyConfig:
     heartbeat_host: str = "0.0.0.0"
     kv_load_failure_policy: str = "recompute"  # nixl: a decode that failed loading KV is retried recomputing, or reported
     shared_storage_path: str | None = None  # shared-storage: the connector's directory, pruned (vLLM never cleans it)
-    shared_storage_ttl: float = 300.0
+    shared_storage_ttl: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

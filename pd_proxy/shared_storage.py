@@ -3,8 +3,10 @@
 vLLM's ExampleConnector writes each prompt's whole KV blocks to `<shared_storage_path>/<hash of
 the prompt tokens>/<layer>.safetensors` and never removes them (the decode writes there too), so
 the directory grows with every distinct prompt. The proxy in front of the pair removes entries
-not touched for `ttl` seconds: long after their decode has loaded them, while a repeated prompt
-can still reuse a fresh one.
+written more than `ttl` seconds ago. vLLM reuses an entry without touching it (a prefill that
+finds its prompt's folder stores nothing), so an entry removed between a prefill finding it and
+its decode loading it makes that decode compute the prompt — once, and the proxy's token-source
+check reports it. Hence a long default (an hour): the race needs a prompt repeated just then.
 """
 
 from __future__ import annotations
