@@ -1,6 +1,11 @@
 """`kv-bandwidth-profiler`: profile KV transfer time per backend; write JSON, a table and a PNG.
 
-Example (both backends on this machine, the fs link capped to emulate shared storage):
+Backends: `nccl`, `fs` and `pull` (the simulator's transports; pull is its NIXL, the decode reading
+the prefill's blocks over TCP), with an optional link model, and
+the transports real vLLM uses here, measured in the vLLM venv (`make vllm-setup`): `nixl` (a NIXL
+READ between two agents) and `shared-storage` (ExampleConnector's safetensors files).
+
+Example (both simulator backends, the fs link capped to emulate shared storage):
 
     kv-bandwidth-profiler --backends nccl,fs --fs-link-gbps 0.02 --fs-link-latency-ms 5 \\
         --min-blocks 1 --max-blocks 1024 --num-samples 5 --output-dir profiles/
@@ -8,6 +13,10 @@ Example (both backends on this machine, the fs link capped to emulate shared sto
 Per link (every prefill → decode pair of a links spec, the file the EPP's kv-link-profiles reads):
 
     kv-bandwidth-profiler --links links.yaml --output-dir profiles/   # writes kv-link-profiles.json
+
+Real vLLM's transports with the tiny model's KV layout:
+
+    kv-bandwidth-profiler --backends nixl,shared-storage --num-layers 2 --head-dim 64 --block-size 32 --dtype float32
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from kv_transfer import KVShape, LinkModel
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kv-bandwidth-profiler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--backends", default="nccl,fs", help="comma-separated: nccl, fs (default: %(default)s)")
+    a("--backends", default="nccl,fs", help="comma-separated: nccl, fs, pull, nixl, shared-storage (default: %(default)s)")
     a("--min-blocks", type=int, default=1, help="smallest transfer in KV blocks (default: %(default)s)")
     a("--max-blocks", type=int, default=1024, help="largest transfer in KV blocks (default: %(default)s)")
     a("--num-points", type=int, default=10, help="log-spaced block counts between min and max (default: %(default)s)")
@@ -42,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
     a("--nccl-link-latency-ms", type=float, default=0.0, help="link latency for nccl (default: %(default)s)")
     a("--fs-link-gbps", type=float, default=0.0, help="link model for fs, GB/s; 0 = the real copy only (default: %(default)s)")
     a("--fs-link-latency-ms", type=float, default=0.0, help="link latency for fs (default: %(default)s)")
-    a("--fs-dir", default=None, help="shared directory for fs (default: a temporary directory)")
+    a("--pull-link-gbps", type=float, default=0.0, help="link model for pull (the simulator's NIXL), GB/s (default: %(default)s)")
+    a("--pull-link-latency-ms", type=float, default=0.0, help="link latency for pull (default: %(default)s)")
+    a("--fs-dir", default=None, help="shared directory for fs and shared-storage (default: a temporary directory)")
+    a("--vllm-venv", default=None, help="nixl, shared-storage: the vLLM venv (default: $EPP_VLLM_VENV or .venv-vllm)")
     a("--device", default="cpu", choices=("cpu", "cuda"), help="nccl backend: cpu = gloo, cuda = NCCL on the GPU (default: %(default)s)")
     a("--label", default="", help="llm-d.ai/kv-backend value recorded in the profile (default: nvlink for nccl, fs for fs)")
     a("--links", default=None, metavar="SPEC", help="measure every link of this spec (pairs, classes, or instances by node; "
@@ -99,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     profiles = []
     with progress(len(counts) * len(backends), unit="point", desc="profiling", disable=args.no_progress) as bar:
         for backend in backends:
-            gbps = args.nccl_link_gbps if backend == "nccl" else args.fs_link_gbps
-            lat = args.nccl_link_latency_ms if backend == "nccl" else args.fs_link_latency_ms
+            gbps = {"nccl": args.nccl_link_gbps, "fs": args.fs_link_gbps, "pull": args.pull_link_gbps}.get(backend, 0.0)  # real: none
+            lat = {"nccl": args.nccl_link_latency_ms, "fs": args.fs_link_latency_ms, "pull": args.pull_link_latency_ms}.get(backend, 0.0)
             link = LinkModel.from_gbps(gbps, lat) if gbps else LinkModel(0.0, lat / 1000)
             settings = ProfileSettings(backend, shape, link, args.min_blocks, args.max_blocks, args.num_points, args.warmup_blocks,
-                                       args.num_samples, args.fs_dir, args.label, args.device)
+                                       args.num_samples, args.fs_dir, args.label, args.device, args.vllm_venv)
             bar.set_description(f"profiling {backend}")
-            prof = run_profile(settings, bar.update)
+            try:
+                prof = run_profile(settings, bar.update)
+            except (RuntimeError, ValueError) as e:
+                print(f"kv-bandwidth-profiler: {e}", file=sys.stderr)
+                return 2
             (out / f"{backend}.json").write_text(json.dumps(prof, indent=2))
             profiles.append(prof)
     text = table(profiles)
@@ -126,7 +142,7 @@ def _links_main(args: argparse.Namespace, shape: KVShape, out: Path, points: int
     except ValueError as e:
         print(f"kv-bandwidth-profiler: {e}", file=sys.stderr)
         return 2
-    with tqdm(total=n * points, unit="point", desc="profiling links", disable=args.no_progress) as bar:
+    with progress(n * points, unit="point", desc="profiling links", disable=args.no_progress) as bar:
         doc = measure(spec, shape, min_blocks=args.min_blocks, max_blocks=args.max_blocks, points=args.num_points,
                       warmup_blocks=args.warmup_blocks, num_samples=args.num_samples, fs_dir=args.fs_dir,
                       progress=bar.update, describe=lambda s: bar.set_description(f"profiling {s}"))

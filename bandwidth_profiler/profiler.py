@@ -8,10 +8,12 @@ available to it (the link model's arrival time included).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import socket
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -45,6 +47,32 @@ class ProfileSettings:
     fs_dir: str | None = None
     kv_backend_label: str = ""
     device: str = "cpu"  # cuda: NCCL between two ranks of this process (sender and receiver on the GPU)
+    vllm_venv: str | None = None  # nixl, shared-storage: the vLLM venv whose NIXL/safetensors measure them
+
+
+REAL_TRANSPORTS = ("nixl", "shared-storage")  # measured in the vLLM venv by bandwidth_profiler.real_transports
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _measure_real(settings: ProfileSettings) -> list[dict]:
+    """Run real_transports in the vLLM venv; its raw samples become points here."""
+    from vllm_cpu.server import VllmCpu
+
+    engine = VllmCpu(**({"venv": settings.vllm_venv} if settings.vllm_venv else {}))
+    engine.check_installed()
+    s = settings.shape
+    shape = {"num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "block_size": s.block_size, "dtype": s.dtype}
+    counts = block_counts(settings.min_blocks, settings.max_blocks, settings.points)
+    cmd = [str(engine.python), "-m", "bandwidth_profiler.real_transports", "--backend", settings.backend, "--shape", json.dumps(shape),
+           "--counts", ",".join(map(str, counts)), "--samples", str(settings.num_samples), "--warmup-blocks", str(settings.warmup_blocks)]
+    if settings.fs_dir and settings.backend == "shared-storage":
+        cmd += ["--dir", settings.fs_dir]
+    done = subprocess.run(cmd, cwd=REPO, env={**engine.env(), "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {settings.backend} failed:\n{done.stderr[-2000:]}")
+    raw = json.loads(done.stdout.strip().splitlines()[-1])["points"]
+    return [{"blocks": p["blocks"], "seconds": statistics.median(p["samples"]), "samples": p["samples"], "bytes": p["blocks"] * s.block_bytes}
+            for p in raw]
 
 
 def _free_port() -> int:
@@ -72,11 +100,30 @@ async def _measure(settings: ProfileSettings, progress: Callable[[int], None]) -
         receiver = FsReceiver(root, shape)
         fs_sender = FsSender(root, shape, settings.link)
         send = fs_sender.send
+    elif settings.backend == "pull":
+        from kv_transfer.tcp_pull import PullServer, pull
+
+        server = PullServer("127.0.0.1", 0, settings.link)
+        await server.start()
+
+        def send(rid, layers):
+            server.hold(rid, layers)
+
+        class _Receiver:  # the decode's read, which is what a pull transfer is
+            @staticmethod
+            async def wait_for(rid, timeout):
+                return await pull("127.0.0.1", server.port, rid, shape, timeout)
+
+        receiver = _Receiver()
     else:
-        raise ValueError(f"unknown backend {settings.backend!r}; use nccl or fs")
+        raise ValueError(f"unknown backend {settings.backend!r}; use nccl, fs, pull, nixl or shared-storage")
 
     async def one(rid: str, layers) -> float:
         t0 = time.perf_counter()
+        if settings.backend == "pull":  # the prefill keeps the blocks where they are; the decode's read is the transfer
+            send(rid, layers)
+            await receiver.wait_for(rid, 120)
+            return time.perf_counter() - t0
         th = threading.Thread(target=send, args=(rid, layers))
         th.start()
         await receiver.wait_for(rid, 120)
@@ -116,7 +163,11 @@ def isotonic(values: list[float]) -> list[float]:
 
 
 def run_profile(settings: ProfileSettings, progress: Callable[[int], None] = lambda n: None) -> dict:
-    points = asyncio.run(_measure(settings, progress))
+    if settings.backend in REAL_TRANSPORTS:
+        points = _measure_real(settings)
+        progress(len(points))
+    else:
+        points = asyncio.run(_measure(settings, progress))
     for pt, fitted in zip(points, isotonic([pt["seconds"] for pt in points])):
         pt["measured_seconds"] = pt["seconds"]
         pt["seconds"] = fitted
@@ -125,7 +176,7 @@ def run_profile(settings: ProfileSettings, progress: Callable[[int], None] = lam
     return {
         "schema": SCHEMA,
         "backend": settings.backend,
-        "kv_backend": settings.kv_backend_label or ("nvlink" if settings.backend == "nccl" else "fs"),
+        "kv_backend": settings.kv_backend_label or ("fs" if settings.backend in ("fs", "shared-storage") else "nvlink"),
         "block_tokens": s.block_size,
         "block_bytes": s.block_bytes,
         "shape": {"num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "block_size": s.block_size, "dtype": s.dtype},

@@ -1,7 +1,8 @@
-"""`fs` backend: per-layer tensors on a shared directory keyed by request, removed after load.
+"""`fs` backend: per-layer tensors on a shared directory keyed by request (or by prompt), removed after load unless kept.
 
-The writer finishes every layer file before it writes `meta.json` (atomically, by rename), so a
-reader never sees a half-written request. The link model's arrival time is carried in the meta.
+The writer fills a temporary directory (every layer file, then `meta.json`) and renames it into
+place, so a reader never sees a half-written entry, and two writers of one key (the same prompt
+stored twice at once) leave one whole entry. The link model's arrival time is carried in the meta.
 A write that fails removes what it wrote and raises `KVTransferError` (the prefill answers an
 error at once); a request the decode never loaded (its decode died, or the client left between
 the legs) is swept after `ttl` seconds, so the directory cannot fill up.
@@ -16,6 +17,7 @@ import pickle
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -40,17 +42,22 @@ class FsSender:
     def send(self, request_id: str, layers: list[torch.Tensor]) -> float:
         t0 = time.perf_counter()
         d = request_dir(self.root, request_id)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)
             for i, t in enumerate(layers):
-                torch.save(t.contiguous(), d / f"layer_{i}.pt")
+                torch.save(t.contiguous(), tmp / f"layer_{i}.pt")
             nbytes = sum(t.numel() * t.element_size() for t in layers)
             meta = {"request_id": request_id, "layers": len(layers), "bytes": nbytes, "ready_at": self.link.schedule(nbytes)}
-            tmp = d / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, d / "meta.json")
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, d)  # the whole entry appears at once
+            except OSError:
+                if not (d / "meta.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another writer stored the same key meanwhile
         except (OSError, RuntimeError) as e:
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise KVTransferError(f"cannot write the KV cache of request {request_id} to {self.root}: {short_reason(e)}") from None
         return time.perf_counter() - t0
 
@@ -61,7 +68,8 @@ class FsReceiver:
         self.root.mkdir(parents=True, exist_ok=True)
         self._swept_at = 0.0
 
-    def load(self, request_id: str) -> Received | None:
+    def load(self, request_id: str, keep: bool = False) -> Received | None:
+        """The entry, removed once read unless `keep` (a prompt-keyed store serves the same prompt again); an unreadable one goes."""
         d = request_dir(self.root, request_id)
         meta_path = d / "meta.json"
         if not meta_path.exists():
@@ -70,8 +78,9 @@ class FsReceiver:
             meta = json.loads(meta_path.read_text())
             layers = [torch.load(d / f"layer_{i}.pt", weights_only=True) for i in range(meta["layers"])]
         except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            shutil.rmtree(d, ignore_errors=True)
             raise KVTransferError(f"the stored KV cache of request {request_id} is unreadable: {short_reason(e)}") from None
-        finally:
+        if not keep:
             shutil.rmtree(d, ignore_errors=True)
         return Received(layers, meta["ready_at"], time.time())
 
@@ -92,7 +101,7 @@ class FsReceiver:
                 continue
         return removed
 
-    async def wait_for(self, request_id: str, timeout: float) -> Received:
+    async def wait_for(self, request_id: str, timeout: float, keep: bool = False) -> Received:
         now = time.monotonic()
         if now - self._swept_at > self.ttl / 4:
             self._swept_at = now
@@ -104,7 +113,7 @@ class FsReceiver:
                 raise TimeoutError(f"KV cache of request {request_id} did not appear in {self.root} within {timeout:g}s "
                                    "(its prefill's write failed, or went to another decode)")
             await asyncio.sleep(self.poll_interval)
-        item = await asyncio.to_thread(self.load, request_id)
+        item = await asyncio.to_thread(self.load, request_id, keep)
         if item is None:
             raise KVTransferError(f"the stored KV cache of request {request_id} vanished before it was loaded")
         delay = item.ready_at - time.time()

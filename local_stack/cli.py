@@ -23,6 +23,9 @@ from local_stack.topology import load_topology
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="proxy-performance", help="EPP config profile (see `epp profiles list`)")
     p.add_argument("--topology", default=None, help="YAML overriding pairs per backend, link speeds, model shape, latency model")
+    p.add_argument("--engine", default=None, choices=("sim", "vllm"),
+                   help="sim: vLLM simulators; vllm: real vLLM CPU servers with the tiny local model (make vllm-setup) "
+                        "(default: the topology's, else sim)")
     p.add_argument("--workdir", default=".stack", help="logs, endpoints file, KV directories and profiles go here")
     p.add_argument("--gateway-port", type=int, default=18080, help="development gateway port")
     p.add_argument("--grpc-port", type=int, default=9002, help="EPP ext_proc port")
@@ -33,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> LocalStack:
-    return LocalStack(load_topology(args.topology), args.profile, args.workdir,
+    return LocalStack(load_topology(args.topology, args.engine), args.profile, args.workdir,
                       StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port), args.body_mode)
 
 

@@ -32,11 +32,15 @@ class ProcessGroup:
         self.children: list[Child] = []
 
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Child:
-        cmd = [sys.executable, "-m", *args]
+        """A module of this project (`python -m args…`) with this interpreter."""
+        return self.start_command(name, [sys.executable, "-m", *args], {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def start_command(self, name: str, cmd: Sequence[str], env: dict[str, str]) -> Child:
+        """Any program (e.g. a vLLM server in its own venv) with exactly this environment."""
+        cmd = list(cmd)
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         child = Child(name, cmd, proc, log_path, log)
         self.children.append(child)
         return child

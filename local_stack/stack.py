@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from local_stack import vllm_pairs
 from local_stack.processes import Child, ProcessGroup
 from local_stack.topology import Backend, Topology
 
@@ -21,6 +22,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LINK_MODELLED = ("nccl", "fs", "pull")  # the simulator's transports, which the profiler runs through the link model
+
+
+def transport_of(engine: str, transfer: str) -> str:
+    """The profiler backend that measures a pair's KV path: the simulator's torch transports, or real vLLM's."""
+    if engine == "vllm":
+        return {"nixl": "nixl", "fs": "shared-storage"}[transfer]
+    return {"nixl": "pull"}.get(transfer, transfer)  # the simulator's NIXL reads blocks over TCP
 
 
 @dataclass
@@ -85,13 +96,17 @@ class LocalStack:
             old.unlink()
         if not self.ports.kv_events:
             self.ports.kv_events = free_port()
+        engine = vllm_pairs.prepare(self, progress) if t.engine == "vllm" else None
         profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
         for backend in t.backends:
             for i in range(backend.pairs):
-                pending.extend(self._start_pair(backend, i, profiles.get(backend.label)))
+                prof = profiles.get(backend.label)
+                pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, free_port) if engine else self._start_pair(backend, i, prof))
+        if engine:
+            progress(f"{len(pending) * 2 // 3} vLLM servers starting (≈25–80 s each on two cores)")
         for child, url in pending:
-            self.procs.wait_http(child, url, timeout=90)
+            self.procs.wait_http(child, url, timeout=t.vllm.start_timeout if engine else 90)
         progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
         self.write_endpoints()
         self.start_epp(self.profile)
@@ -106,14 +121,16 @@ class LocalStack:
         out = {}
         for b in t.backends:
             dest = self.workdir / "profiles" / b.label
-            args = ["bandwidth_profiler.cli", "--backends", b.transfer, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
+            transport = transport_of(t.engine, b.transfer)
+            args = ["bandwidth_profiler.cli", "--backends", transport, "--label", b.label, "--min-blocks", "1", "--max-blocks", "256",
                     "--num-points", "7", "--num-samples", "5", "--warmup-blocks", "4", "--output-dir", str(dest),
                     "--fs-dir", str(self.workdir / "kv-profile"), "--no-progress",
-                    f"--{b.transfer}-link-gbps", str(b.link_gbps), f"--{b.transfer}-link-latency-ms", str(b.link_latency_ms),
+                    *([f"--{transport}-link-gbps", str(b.link_gbps), f"--{transport}-link-latency-ms", str(b.link_latency_ms)]
+                      if transport in LINK_MODELLED else []),
                     "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                     "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
             self.procs.run(f"profile-{b.label}", args, timeout=300)
-            path = dest / f"{b.transfer}.json"
+            path = dest / f"{transport}.json"
             pts = json.loads(path.read_text())["points"]
             out[b.label] = path
             progress(f"profiled {b.label} ({b.transfer}): {pts[0]['blocks']} blocks {pts[0]['seconds'] * 1000:.1f} ms … "
@@ -125,19 +142,20 @@ class LocalStack:
         suffix = "" if b.pairs == 1 else f"-{i}"
         name = f"{b.proxy_name}{suffix}"
         http_p, http_d, kv_port, proxy_port = free_port(), free_port(), free_port(), free_port()
-        lat = t.latency
+        lat = b.latency or t.latency
         common = ["--model", t.model, "--kv-backend", b.transfer, "--kv-dir", str(self.workdir / "kv" / name),
-                  "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms),
-                  "--prefill-tokens-per-second", str(lat.prefill_tokens_per_second), "--decode-ms-per-token", str(lat.decode_ms_per_token),
-                  "--batch-slowdown", str(lat.batch_slowdown), "--max-num-seqs", str(lat.max_num_seqs),
-                  "--num-gpu-blocks", str(lat.num_gpu_blocks),
+                  "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms), *lat.sim_flags(),
                   "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                   "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
-        d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_port), *common])
+        seed = 100 * t.backends.index(b) + 2 * i  # each instance its own noise
+        kv_d, kv_p = (["--kv-port", str(kv_port)], []) if b.transfer != "nixl" else ([], ["--kv-port", str(kv_port)])
+        d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), *kv_d, "--seed", str(seed), *common])
         # the prefill engine holds the prefix cache; its KV events name the pair's proxy, the EPP's endpoint
-        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p),
+        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), *kv_p, "--seed", str(seed + 1),
                                                  "--kv-events-config", json.dumps(self.kv_events_config(proxy_port)), *common])
-        if b.transfer == "nccl":
+        if b.transfer == "nixl":
+            mode = ["--mode", "nixl", "--prefill", f"http://127.0.0.1:{http_p}", "--decode", f"http://127.0.0.1:{http_d}"]
+        elif b.transfer == "nccl":
             mode = ["--mode", "p2p-nccl", "--prefill", f"http://127.0.0.1:{http_p}=127.0.0.1:{free_port()}",
                     "--decode", f"http://127.0.0.1:{http_d}=127.0.0.1:{kv_port}"]
         else:
@@ -189,16 +207,9 @@ class LocalStack:
         for p in self.proxies:
             for port in (p.prefill_port, p.decode_port):
                 for _ in range(50):  # refused while a request still holds blocks: wait for it to finish
-                    try:
-                        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", method="POST"), timeout=5):
-                            break
-                    except urllib.error.HTTPError as e:
-                        if e.code == 404:
-                            raise RuntimeError(f"the engine on :{port} has no /reset_prefix_cache "
-                                               "(real vLLM serves it with VLLM_SERVER_DEV_MODE=1)") from None
-                        if e.code != 409:
-                            raise
-                        time.sleep(0.2)
+                    if _reset_prefix_cache(port):
+                        break
+                    time.sleep(0.2)
 
     def prefix_cache_counters(self) -> dict[str, float]:
         """Prompt tokens looked up and found in the prefill engines' prefix caches, summed (vllm:prefix_cache_*)."""
@@ -230,6 +241,23 @@ class LocalStack:
     def name_of(self, served: str) -> str:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
         return next((p.name for p in self.proxies if p.port == port), served)
+
+
+def _reset_prefix_cache(port: int) -> bool:
+    """POST /reset_prefix_cache; False while requests hold blocks (the simulator's 409, real vLLM's `success: false`)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", method="POST"), timeout=5) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise RuntimeError(f"the engine on :{port} has no /reset_prefix_cache (real vLLM serves it with VLLM_SERVER_DEV_MODE=1)") from None
+        if e.code != 409:
+            raise
+        return False
+    try:
+        return json.loads(body).get("success", True) is not False
+    except (ValueError, AttributeError):
+        return True  # the simulator answers an empty body
 
 
 def _wait_tcp(child: Child, port: int, timeout: float = 30.0) -> None:

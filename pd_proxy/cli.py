@@ -8,6 +8,7 @@ import sys
 from aiohttp import web
 
 from pd_proxy.instances import HealthPolicy
+from pd_proxy.nixl import FAILURE_POLICIES
 from pd_proxy.proxy import MODES, Instance, PDProxy, ProxyConfig
 
 
@@ -15,7 +16,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pd-proxy", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="0.0.0.0", help="listen address")
     p.add_argument("--port", type=int, default=8080, help="listen port")
-    p.add_argument("--mode", choices=MODES, required=True, help="vLLM KV connector protocol of the instances")
+    p.add_argument("--mode", choices=MODES, required=True,
+                   help="vLLM KV connector protocol of the instances: nixl (NixlConnector), shared-storage (ExampleConnector), "
+                        "p2p-nccl (P2pNcclConnector, vLLM before its removal in 2026-06)")
     p.add_argument("--prefill", action="append", default=[], metavar="URL[=KV_ADDR]", help="a prefill instance (repeat for several)")
     p.add_argument("--decode", action="append", default=[], metavar="URL[=KV_ADDR]", help="a decode instance (repeat for several)")
     p.add_argument("--kv-backend", default="", help="label value this proxy stands for (nvlink | fs), used in metrics")
@@ -28,6 +31,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-file", default=None, help="KV-transfer profile JSON (kv-bandwidth-profiler) to publish")
     p.add_argument("--heartbeat-port", type=int, default=0,
                    help="accept instances registering by P2pNcclConnector heartbeats on this ZMQ port (0 = off; vLLM's proxy uses 30001)")
+    p.add_argument("--kv-load-failure-policy", choices=FAILURE_POLICIES, default="recompute",
+                   help="nixl: when the decode fails to load the KV, retry it on the decode without KV (it computes the prompt) or answer 502")
+    p.add_argument("--shared-storage-path", default=None,
+                   help="shared-storage: the connector's directory; entries written longer ago than --shared-storage-ttl are removed")
+    p.add_argument("--shared-storage-ttl", type=float, default=3600.0,
+                   help="seconds a shared-storage entry is kept after it was written (vLLM reuses an entry without touching it)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between instance health/metrics reads")
     g = p.add_argument_group("instance health (see docs/backends.md)")
     d = HealthPolicy()
@@ -50,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             kv_backend=args.kv_backend, prefill_service=args.prefill_service, decode_service=args.decode_service,
             connect_timeout=args.connect_timeout, prefill_timeout=args.prefill_timeout, decode_timeout=args.decode_timeout,
             fallback_decode_only=args.fallback_decode_only, profile_file=args.profile_file, scrape_interval=args.scrape_interval,
-            heartbeat_port=args.heartbeat_port,
+            heartbeat_port=args.heartbeat_port, kv_load_failure_policy=args.kv_load_failure_policy,
+            shared_storage_path=args.shared_storage_path, shared_storage_ttl=args.shared_storage_ttl,
             health=HealthPolicy(args.consecutive_failures, args.base_ejection, args.max_ejection, args.health_timeout, args.stall_timeout),
         ))
     except (ValueError, OSError) as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -11,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 REEXPORT = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 PROGRESS = ("vllm:prompt_tokens", "vllm:generation_tokens")  # counters that move while an engine works
-EWMA = 0.2
+SPEED_WINDOW = 16  # speeds published as the median of this many recent measurements
 
 
 class ProxyMetrics:
@@ -31,27 +33,52 @@ class ProxyMetrics:
         self.kv_transfer_seconds = hist("pdproxy_kv_transfer_seconds", "Time the decode waited for the KV cache.")
         self.decode_seconds = hist("pdproxy_decode_seconds", "Decode leg latency (to the last byte).")
         self.ttft_seconds = hist("pdproxy_ttft_seconds", "Time to the first response byte, prefill included.")
+        self.decode_first_token_seconds = hist("pdproxy_decode_first_token_seconds",
+                                               "Decode leg: from sending it to its first byte (KV load or recompute, then one step).")
         self.e2e_seconds = hist("pdproxy_e2e_seconds", "End-to-end latency of successful requests.")
-        self._prefill_tps = Gauge("pdproxy_prefill_tokens_per_second", "Measured prefill speed (EWMA).", lb, registry=r)
-        self._decode_spt = Gauge("pdproxy_decode_seconds_per_token", "Measured decode time per output token (EWMA).", lb, registry=r)
+        self._prefill_tps = Gauge("pdproxy_prefill_tokens_per_second", "Measured prefill speed (median of recent unqueued prefills).", lb, registry=r)
+        self._decode_spt = Gauge("pdproxy_decode_seconds_per_token", "Measured decode time per output token (median of recent).", lb, registry=r)
         self._profile = Gauge("pdproxy_kv_transfer_profile_seconds", "Profiled KV transfer time by block count.", (*lb, "blocks"), registry=r)
         self._block_tokens = Gauge("pdproxy_kv_block_tokens", "Tokens per KV block of the profile.", lb, registry=r)
         self._block_bytes = Gauge("pdproxy_kv_block_bytes", "Bytes per KV block of the profile.", lb, registry=r)
         self._vllm: dict[str, Gauge] = {
             name: Gauge(name, f"{name} of the proxy's instances.", ("model_name", "engine", "role", "kv_backend"), registry=r) for name in REEXPORT
         }
-        self._tps = self._spt = None
+        self.kv_load_failures = Counter("pdproxy_kv_load_failures", "Decode requests that failed loading their KV (NIXL).", lb,
+                                        registry=r).labels(kv_backend)
+        self._kv_tokens = Counter("pdproxy_decode_prompt_tokens", "Decodes' prompt tokens by source (vLLM's token-source counters).",
+                                  (*lb, "source"), registry=r)
+        self.kv_recomputed_requests = Counter("pdproxy_kv_recomputed_requests",
+                                              "Requests whose decode computed the prompt instead of loading its KV.", lb,
+                                              registry=r).labels(kv_backend)
+        self._recompute_ratio = Gauge("pdproxy_kv_recompute_ratio",
+                                      "Share of the decodes' prompt tokens recomputed instead of loaded (EWMA over reads).", lb, registry=r)
+        # medians, not averages: one request caught in a host stall must not move a pair's speed (and its traffic)
+        self._tps: deque[float] = deque(maxlen=SPEED_WINDOW)
+        self._spt: deque[float] = deque(maxlen=SPEED_WINDOW)
+        self._ratio: float | None = None
 
     def finished(self, status: str) -> None:
         self._requests.labels(self.kv_backend, status).inc()
 
     def observe_prefill_speed(self, tokens_per_second: float) -> None:
-        self._tps = tokens_per_second if self._tps is None else (1 - EWMA) * self._tps + EWMA * tokens_per_second
-        self._prefill_tps.labels(self.kv_backend).set(self._tps)
+        self._tps.append(tokens_per_second)
+        self._prefill_tps.labels(self.kv_backend).set(statistics.median(self._tps))
 
     def observe_decode_speed(self, seconds_per_token: float) -> None:
-        self._spt = seconds_per_token if self._spt is None else (1 - EWMA) * self._spt + EWMA * seconds_per_token
-        self._decode_spt.labels(self.kv_backend).set(self._spt)
+        self._spt.append(seconds_per_token)
+        self._decode_spt.labels(self.kv_backend).set(statistics.median(self._spt))
+
+    def observe_kv_window(self, loaded: float, computed: float, recomputed: float, recomputed_requests: int, ewma: float) -> None:
+        """One read of a decode's token-source counters: tokens loaded and computed, and what was recomputed."""
+        self._kv_tokens.labels(self.kv_backend, "external_kv_transfer").inc(max(0.0, loaded))
+        self._kv_tokens.labels(self.kv_backend, "local_compute").inc(max(0.0, computed))
+        self.kv_recomputed_requests.inc(recomputed_requests)
+        total = max(0.0, loaded) + max(0.0, computed)
+        if total > 0:
+            share = recomputed / total
+            self._ratio = share if self._ratio is None else (1 - ewma) * self._ratio + ewma * share
+            self._recompute_ratio.labels(self.kv_backend).set(self._ratio)
 
     def publish_profile(self, profile: dict) -> None:
         for point in profile.get("points", []):

@@ -1,8 +1,11 @@
 """The P/D proxy: prefill with max_tokens=1, then the original request to decode, streamed back.
 
-Two modes, one program: `p2p-nccl` (vLLM's P2pNcclConnector: the request id names both KV
-addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as X-Request-Id to both) and
-`shared-storage` (vLLM's shared-storage/Example connector: same order, ids name the services).
+Three modes, one program: `nixl` (vLLM's NixlConnector: `kv_transfer_params` in the bodies, see
+`nixl.py`), `shared-storage` (vLLM's shared-storage/Example connector: prefill then decode, ids
+name the services) and, for vLLM versions that still have it, `p2p-nccl` (P2pNcclConnector: the
+request id names both KV addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as
+X-Request-Id to both). Whether the decode loaded the KV or recomputed the prompt is checked on
+vLLM's token-source counters (`kv_load.py`).
 What the reference proxies lack is here: pooled connections, timeouts, upstream errors as
 OpenAI-style JSON with a meaningful status, a failed prefill reported (or, if enabled, served
 decode-only), a client disconnect cancelling both legs, and instance health (`instances.py`):
@@ -24,12 +27,15 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from pd_proxy import nixl
 from pd_proxy.instances import HealthPolicy, HealthTracker, Instance, Leg
+from pd_proxy.kv_load import RATIO_EWMA, KVLoadMonitor, WindowResult
 from pd_proxy.metrics import ProxyMetrics
+from pd_proxy.shared_storage import StorePruner
 
-MODES = ("p2p-nccl", "shared-storage")
+MODES = ("nixl", "shared-storage", "p2p-nccl")
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a whole (non-streamed) answer is read before it is passed on
-__all__ = ["MODES", "Instance", "PDProxy", "ProxyConfig", "UpstreamError", "error_response"]
+__all__ = ["MODES", "Instance", "KVLoadFailure", "PDProxy", "ProxyConfig", "UpstreamError", "error_response"]
 
 
 @dataclass
@@ -49,6 +55,9 @@ class ProxyConfig:
     heartbeat_port: int = 0  # >0: accept instances registering by P2pNcclConnector heartbeats (ZMQ ROUTER)
     heartbeat_host: str = "0.0.0.0"
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    kv_load_failure_policy: str = "recompute"  # nixl: a decode that failed loading KV is retried recomputing, or reported
+    shared_storage_path: str | None = None  # shared-storage: the connector's directory, pruned (vLLM never cleans it)
+    shared_storage_ttl: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,6 +71,13 @@ class UpstreamError(Exception):
     def __init__(self, status: int, message: str, kind: str = "UpstreamError", blame: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.blame = status, message, kind, blame
+
+
+class KVLoadFailure(UpstreamError):
+    """The decode answered that it could not load the request's KV (NIXL, kv_load_failure_policy=fail): counted on the decode."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, "KVLoadError", "kv")
 
 
 def error_response(status: int, message: str, kind: str) -> web.Response:
@@ -83,10 +99,15 @@ class PDProxy:
             missing = [i.url for i in cfg.prefills + cfg.decodes if not i.kv_addr]
             if missing:
                 raise ValueError(f"p2p-nccl mode needs each instance as URL=KV_HOST:KV_PORT; missing for {', '.join(missing)}")
+        if cfg.kv_load_failure_policy not in nixl.FAILURE_POLICIES:
+            raise ValueError(f"--kv-load-failure-policy must be one of {', '.join(nixl.FAILURE_POLICIES)}")
         self.cfg = cfg
         self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
         self.tracker = HealthTracker(cfg.health, log=self._log_instance, on_suspect=self._check_soon)
         self.metrics.watch_instances(self.instance_views)
+        self.kv_load = KVLoadMonitor(self._kv_window, self._kv_transfer_counted)
+        self._kv_reported = False  # the decode reports each request's KV wait itself (x-kv-transfer-seconds)
+        self.pruner = StorePruner(cfg.shared_storage_path, cfg.shared_storage_ttl) if cfg.shared_storage_path else None
         self.profile: dict | None = None
         if cfg.profile_file:
             self.load_profile(cfg.profile_file)
@@ -120,7 +141,10 @@ class PDProxy:
     async def _start(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout))
+        await self._kv_baseline()
         self._scraper = asyncio.create_task(self._scrape_loop())
+        if self.pruner is not None:
+            self.pruner.start()
         if self.registry is not None:
             await self.registry.start()
 
@@ -128,6 +152,8 @@ class PDProxy:
         for task in [self._scraper, *self._probes]:
             if task:
                 task.cancel()
+        if self.pruner is not None:
+            self.pruner.stop()
         if self.registry is not None:
             await self.registry.stop()
         if self.session:
@@ -144,19 +170,20 @@ class PDProxy:
         print(f"pd-proxy: {self._role(inst)} {inst.url} {message}", flush=True)
 
     def request_id(self, p: Instance, d: Instance) -> str:
+        if self.cfg.mode == "nixl":
+            return uuid.uuid4().hex  # one id for both legs; vLLM answers with cmpl-<id>
         if self.cfg.mode == "p2p-nccl":
             return f"___prefill_addr_{p.kv_addr}___decode_addr_{d.kv_addr}_{uuid.uuid4().hex}"
         return f"___prefill_addr_{self.cfg.prefill_service}___decode_addr_{self.cfg.decode_service}_{uuid.uuid4().hex}"
 
-    @staticmethod
-    def prefill_body(body: dict) -> dict:
+    def prefill_body(self, body: dict) -> dict:
         pb = dict(body)
         pb["max_tokens"] = 1
         if "max_completion_tokens" in pb or "messages" in pb:
             pb["max_completion_tokens"] = 1
         pb["stream"] = False
         pb.pop("stream_options", None)
-        return pb
+        return nixl.prefill_body(pb) if self.cfg.mode == "nixl" else pb
 
     def _unavailable(self, role: str, instances: list[Instance]) -> web.Response:
         self.metrics.finished("503")
@@ -172,6 +199,7 @@ class PDProxy:
         if not isinstance(body, dict):
             m.finished("400")
             return error_response(400, "request body must be a JSON object", "BadRequestError")
+        body.pop("kv_transfer_params", None)  # only the proxy names KV blocks and where to read them
         if not self.cfg.prefills or not self.cfg.decodes:
             m.finished("503")
             return error_response(503, "no prefill or decode instance registered yet", "ServiceUnavailable")
@@ -200,6 +228,7 @@ class PDProxy:
         try:
             rid = self.request_id(p or self.cfg.prefills[0], d)
             decode_headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+            decode_body, prompt_tokens = body, _prompt_tokens(body)
             while p is not None:
                 prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
                 t.acquire(p)
@@ -207,7 +236,7 @@ class PDProxy:
                 rid = self.request_id(p, d)
                 decode_headers["X-Request-Id"] = rid
                 try:
-                    prefill_s = await self._call(p, lambda leg: self._prefill(p, path, body, dict(decode_headers)))
+                    prefill_s, reply = await self._call(p, lambda leg: self._prefill(p, path, body, dict(decode_headers)))
                 except UpstreamError as e:
                     if e.blame == "kv":
                         t.failed(d, "kv", e.message)  # the prefill is fine; its KV could not reach the decode
@@ -221,15 +250,30 @@ class PDProxy:
                     decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
                     m.fallbacks.inc()
                     break
+                prompt_tokens = _usage_prompt_tokens(reply) or prompt_tokens
                 m.prefill_seconds.observe(prefill_s)
                 if prefill_s > 0 and prefill_alone:
-                    m.observe_prefill_speed(_prompt_tokens(body) / prefill_s)
+                    m.observe_prefill_speed(prompt_tokens / prefill_s)
+                if self.cfg.mode == "nixl":
+                    decode_body = nixl.decode_body(body, nixl.transfer_params(reply))
                 break
             else:
                 decode_headers["X-KV-Transfer"] = "none"  # no healthy prefill: the fallback serves it decode-only
                 m.fallbacks.inc()
             try:
-                resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, body, decode_headers, t0))
+                resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, decode_body, decode_headers, t0,
+                                                                            prompt_tokens))
+            except KVLoadFailure as e:
+                t.failed(d, "kv", e.message)
+                m.kv_load_failures.inc()
+                if self.cfg.kv_load_failure_policy == "fail":
+                    status = "502"
+                    return error_response(502, f"decode {d.url} could not load the KV cache from prefill {p.url}: {e.message}",
+                                          "KVLoadError")
+                print(f"pd-proxy: decode {d.url} could not load the KV of request {rid} from {p.url} ({e.message}); "
+                      "retrying it on the decode, which computes the prompt", flush=True)
+                resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, nixl.recompute_body(body), decode_headers,
+                                                                            t0, prompt_tokens))
             except UpstreamError as e:
                 if e.blame == "connect" and t.pick(self.cfg.decodes, exclude=[d]) is not None:
                     status = "retried"
@@ -273,7 +317,8 @@ class PDProxy:
             t.succeeded(inst)
         return result
 
-    async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> float:
+    async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> tuple[float, Any]:
+        """Seconds the prefill leg took, and its parsed reply (usage; kv_transfer_params for NIXL)."""
         assert self.session is not None
         t = time.monotonic()
         try:
@@ -291,29 +336,46 @@ class PDProxy:
             raise UpstreamError(502, f"connection lost before the answer was complete ({_describe(e)})", "BadGateway", "reset") from None
         except asyncio.TimeoutError:
             raise UpstreamError(504, f"prefill timed out after {self.cfg.prefill_timeout:g}s", "Timeout", "timeout") from None
-        return time.monotonic() - t
+        elapsed = time.monotonic() - t
+        try:
+            return elapsed, json.loads(text)
+        except ValueError:
+            return elapsed, None
 
-    async def _decode(self, request: web.Request, d: Instance, leg: Leg, path: str, body: dict, headers: dict,
-                      t0: float) -> tuple[web.StreamResponse, str]:
-        """The decode leg; returns the response and the status to count for it."""
+    async def _decode(self, request: web.Request, d: Instance, leg: Leg, path: str, body: dict, headers: dict, t0: float,
+                      prompt_tokens: int = 0) -> tuple[web.StreamResponse, str]:
+        """The decode leg; returns the response and the status to count for it (KVLoadFailure: a NIXL decode could not load the KV)."""
         assert self.session is not None
         m = self.metrics
         t = time.monotonic()
+        loading = "kv_transfer_params" in body  # NIXL: a failure of this decode may be its KV load
+        self.kv_load.started(d.url)
+        first_at = None
         try:
             async with self.session.post(d.url + path, json=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.decode_timeout)) as r:
                 self.tracker.progress(d)
                 if r.status >= 400:
                     message, _ = _upstream_error(await _read_capped(r), r.status)
+                    if loading and r.status == 500:
+                        raise KVLoadFailure(message)
                     raise UpstreamError(r.status, f"decode failed on {d.url}: {message}", "DecodeError", "5xx" if r.status >= 500 else None)
+                first = await r.content.readany()  # the KV load (or recompute) and one step are behind it
+                first_at = time.monotonic()
+                m.decode_first_token_seconds.observe(first_at - t)
+                self.kv_load.first_token(d.url, first_at, prompt_tokens)
+                if loading and nixl.is_error_event(first):
+                    raise KVLoadFailure(first.decode("utf-8", "replace").strip()[:300])
                 kv_s = r.headers.get("x-kv-transfer-seconds")
                 if kv_s:
+                    self._kv_reported = True
                     m.kv_transfer_seconds.observe(float(kv_s))
                 out_headers = {"Content-Type": r.headers.get("Content-Type", "application/json"), "X-Request-Id": headers["X-Request-Id"],
                                **({"x-kv-transfer-seconds": kv_s} if kv_s else {})}
                 if r.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return await self._relay_stream(request, d, leg, r, out_headers, body, t0, t, kv_s)
-                data = await _read_capped(r)  # whole: a failure before the last byte becomes a clean error, not a cut body
+                    return await self._relay_stream(request, d, leg, r, out_headers, body, t0, t, first, first_at)
+                # whole: a failure before the last byte becomes a clean error, not a cut body
+                data = first + await _read_capped(r, MAX_UPSTREAM_BODY - len(first))
                 end = time.monotonic()
                 m.ttft_seconds.observe(end - t0)
                 m.decode_seconds.observe(end - t)
@@ -330,23 +392,29 @@ class PDProxy:
                                 "BadGateway", "reset") from None
         except asyncio.TimeoutError:
             raise UpstreamError(504, f"decode timed out after {self.cfg.decode_timeout:g}s", "Timeout", "timeout") from None
+        finally:
+            if first_at is None:
+                self.kv_load.abandoned(d.url)
 
     async def _relay_stream(self, request: web.Request, d: Instance, leg: Leg, r: aiohttp.ClientResponse, out_headers: dict,
-                            body: dict, t0: float, t: float, kv_s: str | None) -> tuple[web.StreamResponse, str]:
-        """SSE bytes as they come; if the decode fails mid-stream, the client gets an error event and [DONE]."""
+                            body: dict, t0: float, t: float, first: bytes, first_at: float) -> tuple[web.StreamResponse, str]:
+        """SSE bytes as they come, from the `first` chunk already read; if the decode fails mid-stream, the client
+        gets an error event and [DONE]."""
         m = self.metrics
         out = web.StreamResponse(status=r.status, headers=out_headers)
         await out.prepare(request)
-        first_at = None
+        m.ttft_seconds.observe(first_at - t0)
+
+        async def relay(chunk: bytes) -> None:
+            self.tracker.progress(d)
+            if b'data: {"error"' in chunk:
+                leg.failure = ("5xx", "the decode ended its stream with an error event")
+            await out.write(chunk)
+
         try:
+            await relay(first)
             async for chunk in r.content.iter_any():
-                self.tracker.progress(d)
-                if first_at is None:
-                    first_at = time.monotonic()
-                    m.ttft_seconds.observe(first_at - t0)
-                if b'data: {"error"' in chunk:
-                    leg.failure = ("5xx", "the decode ended its stream with an error event")
-                await out.write(chunk)
+                await relay(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             reason = (f"decode {d.url} timed out mid-stream after {self.cfg.decode_timeout:g}s" if isinstance(e, asyncio.TimeoutError)
                       else f"decode {d.url} closed the connection mid-stream ({_describe(e)})")
@@ -361,9 +429,37 @@ class PDProxy:
         end = time.monotonic()
         m.decode_seconds.observe(end - t)
         out_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(out_tokens, int) and out_tokens > 2 and first_at is not None:
+        if isinstance(out_tokens, int) and out_tokens > 2:
             m.observe_decode_speed((end - first_at) / (out_tokens - 1))  # decoding only: from the first byte on
         return out, ("stream_error" if leg.failure else str(r.status))
+
+    async def _kv_baseline(self) -> None:
+        """The decodes' token-source counters before the first request, so that one is checked too."""
+        assert self.session is not None
+
+        async def read(inst: Instance) -> None:
+            try:
+                at = time.monotonic()
+                async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    self.kv_load.absorb(inst.url, (await _read_capped(r)).decode("utf-8", "replace"), at)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                pass  # not up yet: the scrape loop takes the baseline later
+
+        await asyncio.gather(*(read(d) for d in self.cfg.decodes))
+
+    def _kv_transfer_counted(self, seconds: float, transfers: int) -> None:
+        """New transfers in the decode's NIXL histogram (real vLLM reports no per-request KV time): their mean, once each."""
+        if not self._kv_reported:
+            for _ in range(transfers):
+                self.metrics.kv_transfer_seconds.observe(seconds)
+
+    def _kv_window(self, url: str, w: WindowResult) -> None:
+        """A read of a decode's token-source counters: metrics, and a warning when it recomputed prompts."""
+        self.metrics.observe_kv_window(w.loaded_tokens, w.computed_tokens, w.recomputed_tokens, w.recomputed_requests, RATIO_EWMA)
+        if w.recomputed_requests:
+            print(f"pd-proxy: decode {url} computed {w.recomputed_tokens:.0f} prompt tokens itself instead of loading their KV "
+                  f"({w.recomputed_requests} of {w.requests} requests since the last read; {w.loaded_tokens:.0f} tokens loaded) — "
+                  f"is the connector configured on both instances, and does the proxy's --mode match it?", flush=True)
 
     # -- small routes ----------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -412,9 +508,12 @@ class PDProxy:
             return
         assert self.session is not None
         try:
+            read_at = time.monotonic()
             async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=self.cfg.health.health_timeout)) as r:
                 text = (await _read_capped(r)).decode("utf-8", "replace")
             self.tracker.counters_moved(inst, self.metrics.absorb_vllm(role, str(index), text))
+            if role == "decode":
+                self.kv_load.absorb(inst.url, text, read_at)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass  # health decides; a metrics page that fails once only leaves the gauges as they were
 
@@ -515,6 +614,13 @@ def _prompt_tokens(body: dict) -> int:
     if isinstance(p, list) and p and isinstance(p[0], int):
         return len(p)
     return max(1, len(str(p)) // 4)
+
+
+def _usage_prompt_tokens(reply: Any) -> int | None:
+    """Prompt tokens as the engine counted them (the prefill's usage), when its reply says."""
+    usage = reply.get("usage") if isinstance(reply, dict) else None
+    n = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _upstream_error(text: bytes, status: int) -> tuple[str, str]:

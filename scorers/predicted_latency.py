@@ -10,13 +10,18 @@ k requests already in flight on e:
     score(e) = min over candidates of cost / cost(e)
 
 * transfer(e, t): the endpoint's measured KV-transfer profile at t tokens (0 without a profile);
+  when the pair's proxy reports that its decode recomputes prompts instead of loading their KV
+  (`pdproxy_kv_recompute_ratio` r), that share costs a prefill instead: (1 − r) × transfer +
+  r × t / prefill_tps (named `kv_recomputing` in the log);
 * prefill_tps: the proxy's measured prefill speed (`pdproxy_prefill_tokens_per_second`);
 * spt(e): the unloaded time per output token: the proxy's measured decode time per token
   (`pdproxy_decode_seconds_per_token`, measured under the load of the moment) divided by that
-  load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. Until an
-  endpoint has measured its speeds the plugin's defaults stand in; speeds older than the
-  metrics-staleness threshold are still used (a speed changes slowly; the load terms come from
-  this EPP's own bookings, not from scrapes) and those endpoints are named in the log;
+  load's slowdown `1 + batchSlowdown × (k − 1)`, so the batch is not counted twice. An endpoint
+  that has not measured a speed is never taken for the fastest: it is assumed as slow as the
+  slowest measured candidate, and no faster than the plugin's defaults (named `unmeasured` in the
+  log). Speeds older than the metrics-staleness threshold are still used (a speed changes slowly;
+  the load terms come from this EPP's own bookings, not from scrapes) and those endpoints are
+  named in the log;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
 * t counts only the prompt tokens e does not hold: when a prefix-cache producer is configured,
   the prefix it believes e has cached is not prefilled again;
@@ -44,6 +49,12 @@ no response in time) would otherwise look like the fastest request there is: ins
 the endpoint's calibration toward the maximum, and its booking stays on the endpoint for as long
 as the request was predicted to take, so a backend that fails at once never looks idle or fast.
 A client's 4xx or a disconnect just releases the booking.
+
+Noise is not a difference: a measured speed or calibration less than `speedTolerance` (default
+1.5×) worse than the best candidate's is taken to be as good as it. On a contended
+host every pair's measurements wander by tens of percent; acting on that sent most traffic to
+whichever pair last looked faster, and its queue made the TTFT tail (see docs/routing.md).
+A real difference — a pair twice as slow — is beyond the tolerance and still counts.
 """
 
 from __future__ import annotations
@@ -82,8 +93,9 @@ class PredictedLatencyScorer:
 
     def __init__(self, name: str, default_prefill_tps: float, default_decode_spt: float, clock: Callable[[], float] = time.monotonic,
                  batch_slowdown: float = 0.05, default_output_tokens: int = 64, contention_weight: float = 1.0,
-                 staleness: float = 2.0) -> None:
+                 staleness: float = 2.0, speed_tolerance: float = 1.5) -> None:
         self.name = name
+        self.speed_tolerance = speed_tolerance
         self.staleness = staleness
         self.batch_slowdown = batch_slowdown
         self.default_output_tokens = default_output_tokens
@@ -104,8 +116,29 @@ class PredictedLatencyScorer:
         end = max((f.stage_end for f in self._flights.get(key, {}).values()), default=now)
         return max(0.0, end - now)
 
-    def _speeds(self, e: Endpoint, k: int) -> tuple[float, float]:
-        return unloaded_speeds(e.metrics, k, self.default_prefill_tps, self.default_decode_spt, self.batch_slowdown)
+    def _speeds(self, e: Endpoint, k: int, slowest: tuple[float, float]) -> tuple[float, float]:
+        """(prefill tokens/s, unloaded seconds per token); `slowest` stands in for what the endpoint has not measured."""
+        return unloaded_speeds(e.metrics, k, slowest[0], slowest[1], self.batch_slowdown)
+
+    def _within_noise(self, values: dict[str, float], higher_is_faster: bool = False) -> dict[str, float]:
+        """Per endpoint, the fastest candidate's value unless its own is slower by more than `speedTolerance`.
+
+        Pairs on a busy host measure noisy speeds: one catches a stall and reads 30% slower, and a
+        scorer that believed it would send everything to the other until that one queues up. Only a
+        difference beyond the tolerance is taken as real (a slower GPU, a pair that stalls).
+        """
+        if self.speed_tolerance <= 1.0 or len(values) < 2:
+            return values
+        best = max(values.values()) if higher_is_faster else min(values.values())
+        slower = (lambda v: best / v) if higher_is_faster else (lambda v: v / best)
+        return {k: v if slower(v) > self.speed_tolerance else best for k, v in values.items()}
+
+    def _slowest(self, endpoints: Sequence[Endpoint]) -> tuple[float, float]:
+        """The slowest measured speeds among the candidates, never faster than the defaults."""
+        tps = [e.metrics.prefill_tokens_per_second for e in endpoints if e.metrics.prefill_tokens_per_second]
+        spt = [unloaded_speeds(e.metrics, len(self._flights.get(e.key, {})), self.default_prefill_tps, self.default_decode_spt,
+                               self.batch_slowdown)[1] for e in endpoints if e.metrics.decode_seconds_per_token]
+        return min([self.default_prefill_tps, *tps]), max([self.default_decode_spt, *spt])
 
     def _delay(self, flights: Sequence[Flight], n: int, spt: float, now: float) -> float:
         """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
@@ -129,17 +162,30 @@ class PredictedLatencyScorer:
         stale = [e.key for e in endpoints if e.metrics.age(wall) > self.staleness]
         if stale:
             state.notes.setdefault(self.name, {})["no_fresh_metrics"] = stale
+        unmeasured = [e.key for e in endpoints if not (e.metrics.prefill_tokens_per_second and e.metrics.decode_seconds_per_token)]
+        if unmeasured:
+            state.notes.setdefault(self.name, {})["unmeasured"] = unmeasured
+        recomputing = {e.key: round(e.metrics.kv_recompute_ratio, 3) for e in endpoints if e.metrics.kv_recompute_ratio}
+        if recomputing:
+            state.notes.setdefault(self.name, {})["kv_recomputing"] = recomputing
+        slowest = self._slowest(endpoints)
+        speeds = {e.key: self._speeds(e, len(self._flights.get(e.key, {})), slowest) for e in endpoints}
+        tps_of = self._within_noise({k: v[0] for k, v in speeds.items()}, higher_is_faster=True)
+        spt_of = self._within_noise({k: v[1] for k, v in speeds.items()})
+        cal_of = self._within_noise({e.key: self.calibration.get(e.key, 1.0) for e in endpoints})
         for e in endpoints:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
-            tps, spt = self._speeds(e, k)
+            tps, spt = tps_of[e.key], spt_of[e.key]
             prefill = max(0, request.prompt_tokens - cached.get(e.key, 0)) / tps
             xfer = transfer.get(e.key, 0.0)
+            r = min(1.0, recomputing.get(e.key, 0.0))
+            xfer = (1.0 - r) * xfer + r * request.prompt_tokens / tps  # a decode that recomputes pays the whole prompt's prefill
             wait = self._wait(e.key, now)
             ttft = wait + prefill + xfer + spt
             e2e = ttft + max(0, n - 1) * spt * (1.0 + self.batch_slowdown * k)
             delay = self._delay(flights, n, spt, now)
-            c = self.calibration.get(e.key, 1.0)
+            c = cal_of[e.key]
             out[e.key] = {"wait": wait, "prefill": prefill, "transfer": xfer, "spt": spt, "ttft": ttft * c, "e2e": e2e * c,
                           "raw_e2e": e2e, "delay": delay * c, "cost": (e2e + self.contention_weight * delay) * c, "calibration": c}
         state.write(STATE_KEY, out)
@@ -215,6 +261,7 @@ def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> Pr
         default_output_tokens=int(_number(name, "defaultOutputTokens", p("defaultOutputTokens", 64), positive=True)),
         contention_weight=_number(name, "contentionWeight", p("contentionWeight", 1.0), positive=False),
         staleness=float((ctx.services or {}).get("metrics_staleness", 2.0)),
+        speed_tolerance=_number(name, "speedTolerance", p("speedTolerance", 1.5), positive=True),
     )
     if ctx.datastore is not None:
         ctx.datastore.on_removal(s.forget_endpoint)

@@ -44,13 +44,16 @@ def parser() -> argparse.ArgumentParser:
     a("--user_tokens", type=int, default=150, help="shared-prefix: tokens per user message, ±30%% (default: %(default)s)")
     a("--reply_tokens", type=int, default=100, help="shared-prefix: tokens per assistant reply in the history, ±30%% (default: %(default)s)")
     a("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
-    a("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="model name in requests (default: %(default)s)")
+    a("--model", default=None, help="model name in requests (default: the local stack's, meta-llama/Llama-3.1-8B-Instruct with --gateway)")
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
+    a("--interleave", action="store_true", help="run every profile on one scenario before the next (restarting the EPP each time)")
     a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
     a("--baseline", default="proxy-performance", help="profile the median table compares the others with (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
+    a("--engine", default=None, choices=("sim", "vllm"),
+      help="local stack engine: sim (simulators) or vllm (real vLLM CPU servers, make vllm-setup) (default: the topology's, else sim)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
     return p
@@ -120,46 +123,57 @@ def main(argv: list[str] | None = None) -> int:
             print("epp-bench: --compare-profiles restarts the EPP, so it needs the local stack (drop --gateway)", file=sys.stderr)
             return 2
         url = args.gateway.rstrip("/")
+        args.model = args.model or "meta-llama/Llama-3.1-8B-Instruct"
         backend_of = name_of = lambda served: served or "unknown"  # noqa: E731
     else:
         from local_stack.stack import LocalStack, StackPorts, free_port
         from local_stack.topology import load_topology
 
-        stack = LocalStack(load_topology(args.topology), profiles[0], args.workdir,
-                           StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
-        stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
+        try:
+            topology = load_topology(args.topology, args.engine)
+            args.model = args.model or topology.model
+            stack = LocalStack(topology, profiles[0], args.workdir,
+                               StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
+            stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            print(f"epp-bench: the local stack did not start: {e}", file=sys.stderr)
+            return 1
         url, backend_of, name_of = stack.gateway_url, stack.backend_of, stack.name_of
     rows = []
     try:
-        for profile in profiles:
+        # profile by profile, or with --interleave scenario by scenario (every profile in turn), so that a
+        # shared machine's load drifting over minutes does not land on one profile
+        order = [(p, sc) for sc in scens for p in profiles] if args.interleave else [(p, sc) for p in profiles for sc in scens]
+        warmed = None
+        for profile, (dist, qps) in order:
             if stack is not None and stack.profile != profile:
                 stack.start_epp(profile)
-            if args.warmup:
+            if args.warmup and warmed != (profile, stack.epp if stack else None):
                 warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
                 asyncio.run(run_workload(url, args.model, [w for w in warm]))
-            for dist, qps in scens:
-                scen = dist if dist == "burst" else f"{dist}@{qps:g}"
-                workload = make_workload(args, qps, dist)
-                if stack is not None:
-                    stack.reset_prefix_caches()  # every profile starts from cold engine caches
-                    before = stack.prefix_cache_counters()
-                with progress(len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
-                    results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
-                summary = summarize(results, duration, backend_of, name_of)
-                if stack is not None:
-                    summary["prefix_cache"] = cache_hits(before, stack.prefix_cache_counters())
-                name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
-                meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
-                        "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
-                        "command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                write_run(out, name, summary, results, meta)
-                rows.append({"profile": profile, "scenario": scen, "summary": summary})
-                t, e = summary["ttft_s"], summary["e2e_s"]
-                hits = f"  prefix hits {summary['prefix_cache']['hit_rate'] * 100:4.1f}%" if "prefix_cache" in summary else ""
-                print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
-                      f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
-                      f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}{hits}", flush=True)
+                warmed = (profile, stack.epp if stack else None)
+            scen = dist if dist == "burst" else f"{dist}@{qps:g}"
+            workload = make_workload(args, qps, dist)
+            if stack is not None:
+                stack.reset_prefix_caches()  # every run starts from cold engine caches
+                before = stack.prefix_cache_counters()
+            with progress(len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
+                results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
+            summary = summarize(results, duration, backend_of, name_of)
+            if stack is not None:
+                summary["prefix_cache"] = cache_hits(before, stack.prefix_cache_counters())
+            name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
+            meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
+                    "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
+                    "command": "epp-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_run(out, name, summary, results, meta)
+            rows.append({"profile": profile, "scenario": scen, "summary": summary})
+            t, e = summary["ttft_s"], summary["e2e_s"]
+            hits = f"  prefix hits {summary['prefix_cache']['hit_rate'] * 100:4.1f}%" if "prefix_cache" in summary else ""
+            print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
+                  f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
+                  f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}{hits}", flush=True)
     finally:
         if stack is not None:
             stack.stop()

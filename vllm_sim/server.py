@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kv_transfer import KVTransferError
-from vllm_sim.engine import Engine, LatencyModel
-from vllm_sim.kv_events import KVEventPublisher, KVEventsConfig
+from vllm_sim.engine import Engine, LatencyModel, Seq
 from vllm_sim.faults import SEED_CRASH, EngineDeadError
-from vllm_sim.kv_io import KVConfig, KVSide
+from vllm_sim.kv_events import KVEventPublisher, KVEventsConfig
+from vllm_sim.kv_io import KVConfig, KVLoadError, KVSide, Loaded
 from vllm_sim.prefix_cache import BlockPool, prompt_token_ids
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -45,13 +45,26 @@ class SimConfig:
     default_max_tokens: int = 16
     prefix_caching: bool = True
     kv_events: KVEventsConfig | None = None
+    kv_load_failure_policy: str = "fail"  # nixl decode: fail the request, or compute the prompt (vLLM's kv_load_failure_policy)
+
+
+@dataclass(eq=False)
+class Reply:
+    """One request in generation: its sequence, and where its prompt's KV came from."""
+
+    seq: Seq
+    prompt_tokens: int
+    cached: int  # prompt tokens loaded over the KV connector
+    hit: int  # prompt tokens found in this instance's prefix cache
+    cache_key: str
+    t0: float
 
 
 class Simulator:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.engine = Engine(cfg.latency)
-        self.kv = KVSide(cfg.role, cfg.kv)
+        self.kv = KVSide(cfg.role, cfg.kv, cfg.model)
         self.rng = random.Random(cfg.seed)
         self.requests_seen = 0
         self.shutdown = asyncio.Event()  # set to stop serving: a signal, or the watchdog after engine death
@@ -70,6 +83,14 @@ class Simulator:
         self.c_prompt = Counter("vllm:prompt_tokens", "Prompt tokens.", labels, registry=r)
         self.c_gen = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
         self.c_success = Counter("vllm:request_success", "Finished requests.", (*labels, "finished_reason"), registry=r)
+        self.c_by_source = Counter("vllm:prompt_tokens_by_source", "Prompt tokens by source (vLLM's names).", (*labels, "source"), registry=r)
+        for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+            self.c_by_source.labels(*(cfg.model, "0"), source)
+        self.c_preempt = Counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).", labels, registry=r)
+        if cfg.kv.backend == "nixl" and cfg.role == "decode":  # NixlConnector's own transfer statistics
+            self.h_nixl = Histogram("vllm:nixl_xfer_time_seconds", "NIXL transfer time.", labels, buckets=TTFT_BUCKETS, registry=r)
+            self.h_nixl_bytes = Histogram("vllm:nixl_bytes_transferred", "Bytes per NIXL transfer.", labels,
+                                          buckets=tuple(2.0 ** k for k in range(11, 34, 2)), registry=r)
         self.g_cache_info.labels(str(cfg.latency.block_size), str(cfg.latency.num_gpu_blocks), "0").set(1)
         self._l = (cfg.model, "0")
         self.events = KVEventPublisher(cfg.kv_events) if cfg.kv_events is not None else None
@@ -101,6 +122,8 @@ class Simulator:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.on_startup.append(lambda _: self.kv.start())
+        app.on_cleanup.append(lambda _: self.kv.close())
         return app
 
     # -- plain routes ---------------------------------------------------------------------------
@@ -121,9 +144,12 @@ class Simulator:
 
     async def metrics(self, request: web.Request) -> web.Response:
         e = self.engine
-        self.g_running.labels(*self._l).set(e.running)
-        self.g_waiting.labels(*self._l).set(e.waiting)
+        self.g_running.labels(*self._l).set(e.num_running)
+        self.g_waiting.labels(*self._l).set(e.num_waiting)
         self.g_kv.labels(*self._l).set(e.kv_cache_usage)
+        new = e.preemptions - self.c_preempt.labels(*self._l)._value.get()
+        if new > 0:
+            self.c_preempt.labels(*self._l).inc(new)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- generation -----------------------------------------------------------------------------
@@ -188,101 +214,143 @@ class Simulator:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
         if self.cfg.role == "prefill":
             max_tokens = 1
+        max_tokens = int(max_tokens)
         stream = body.get("stream") is True
+        params = body.get("kv_transfer_params")
         t0 = time.monotonic()
         engine = self.engine
-        await engine.admit()
-        blocks = engine.blocks(prompt_tokens + int(max_tokens))
-        engine.used_blocks += blocks
+        loaded = Loaded(0, 0.0)
+        skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
+        if self.cfg.role == "decode" and not skip_kv:
+            try:
+                loaded = await engine.faults.guard(self.kv.load(request_id, prompt_tokens, token_ids, params))
+            except KVLoadError as e:
+                if self.cfg.kv_load_failure_policy != "recompute":
+                    print(f"vllm-sim: failing request {request_id} due to KV load failure (failure_policy=fail): {e}", flush=True)
+                    return await self._failed(request, stream)
+                # vLLM's recompute policy: the decode computes the prompt
+            except (TimeoutError, KVTransferError) as e:
+                return self._error(500, str(e), "KVTransferError")
+            if loaded.tokens:
+                self.h_kv_wait.labels(*self._l).observe(loaded.seconds)
+                if self.cfg.kv.backend == "nixl":
+                    self.h_nixl.labels(*self._l).observe(loaded.seconds)
+                    self.h_nixl_bytes.labels(*self._l).observe(loaded.nbytes)
         cache_key = uuid.uuid4().hex  # the client's request id may repeat; the block pool needs a unique one
+        hit = 0
+        if self.cache is not None and not loaded.tokens:  # this instance computes the prompt: its prefix cache may hold a part
+            hit = self.cache.begin(cache_key, token_ids, max_tokens)
+            self.c_cache_queries.labels(*self._l).inc(len(token_ids))
+            self.c_cache_hits.labels(*self._l).inc(hit)
         try:
-            kv_wait = 0.0
-            skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
-            if self.cfg.role == "decode" and self.kv.receiver is not None and not skip_kv:
-                tk = time.monotonic()
+            seq = engine.submit(prompt_tokens, max_tokens, max(loaded.tokens, hit))
+        except ValueError as e:
+            if self.cache is not None:
+                self.cache.finish(cache_key)
+            return self._error(400, str(e))
+        r = Reply(seq, prompt_tokens, loaded.tokens, hit, cache_key, t0)
+        held, reply_params = False, None
+        try:
+            if self.cfg.role == "prefill":
+                await self._token(r, 0)  # the prompt is computed (and its one token sampled)
                 try:
-                    await self.engine.faults.guard(self.kv.receive(request_id))
-                except (TimeoutError, KVTransferError) as e:
+                    if self.cfg.kv.backend == "nixl":
+                        if isinstance(params, dict) and params.get("do_remote_decode"):
+                            reply_params = await self.kv.hold(request_id, prompt_tokens, lambda: engine.release(seq))
+                            held = True  # the blocks stay in the engine until a decode reads them
+                    else:
+                        await self.kv.send(request_id, prompt_tokens, token_ids)
+                except ValueError as e:
+                    return self._error(400, str(e))
+                except KVTransferError as e:
                     return self._error(500, str(e), "KVTransferError")
-                kv_wait = time.monotonic() - tk
-                self.h_kv_wait.labels(*self._l).observe(kv_wait)
-            else:
-                await self._prefill(token_ids, prompt_tokens, int(max_tokens), cache_key)
-                if self.cfg.role == "prefill":
-                    try:
-                        await self.kv.send(request_id, prompt_tokens)
-                    except ValueError as e:
-                        return self._error(400, str(e))
-                    except KVTransferError as e:
-                        return self._error(500, str(e), "KVTransferError")
-            self.c_prompt.labels(*self._l).inc(prompt_tokens)
-            ids = ("chatcmpl-" if chat else "cmpl-") + request_id + ("" if chat else "-0")
-            headers = {"x-kv-transfer-seconds": f"{kv_wait:.6f}", "x-request-id": request_id}
+            ids = ("chatcmpl-" if chat else "cmpl-") + request_id  # vLLM: no "-0" suffix
+            headers = {"x-kv-transfer-seconds": f"{loaded.seconds:.6f}", "x-request-id": request_id}
             if stream:
-                return await self._stream(request, ids, chat, int(max_tokens), prompt_tokens, t0, headers, body)
-            for _ in range(int(max_tokens)):
-                await engine.next_token()
-                self.c_gen.labels(*self._l).inc()
-                if _ == 0:
-                    self.h_ttft.labels(*self._l).observe(time.monotonic() - t0)
-            text = " ".join(f"tok{i}" for i in range(int(max_tokens)))
-            self._finish(int(max_tokens), t0)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": int(max_tokens), "total_tokens": prompt_tokens + int(max_tokens)}
+                return await self._stream(request, ids, chat, r, headers, body)
+            for i in range(1 if self.cfg.role == "prefill" else 0, max_tokens):
+                await self._token(r, i)
+            text = " ".join(f"tok{i}" for i in range(max_tokens))
+            self._finish(t0)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat
                       else {"index": 0, "text": text, "finish_reason": "length"})
             return web.json_response({"id": ids, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                                      "model": self.cfg.model, "choices": [choice], "usage": usage}, headers=headers)
+                                      "model": self.cfg.model, "choices": [choice], "usage": self._usage(r),
+                                      "kv_transfer_params": reply_params}, headers=headers)
         finally:
-            engine.release(blocks)
+            if not held:
+                engine.release(seq)
             if self.cache is not None:
                 self.cache.finish(cache_key)
 
-    async def _prefill(self, token_ids, prompt_tokens: int, max_tokens: int, cache_key: str) -> None:
-        """Prefill what the prefix cache does not hold; the new full blocks are cached when it ends."""
-        cache = self.cache
-        if cache is None:
-            await self.engine.prefill(prompt_tokens)
+    async def _token(self, r: Reply, i: int) -> None:
+        """The reply's token i; the first one completes the prompt, which is then counted (and cached) as vLLM does."""
+        await self.engine.next_token(r.seq)
+        self.c_gen.labels(*self._l).inc()
+        if i:
             return
-        hit = await self.engine.prefill(prompt_tokens, lambda: cache.begin(cache_key, token_ids, max_tokens))
-        cache.stored(cache_key)
-        self.c_cache_queries.labels(*self._l).inc(len(token_ids))
-        self.c_cache_hits.labels(*self._l).inc(hit)
+        self.h_ttft.labels(*self._l).observe(time.monotonic() - r.t0)
+        if self.cache is not None:
+            self.cache.stored(r.cache_key)
+        self.c_prompt.labels(*self._l).inc(r.prompt_tokens)
+        self.c_by_source.labels(*self._l, "external_kv_transfer").inc(r.cached)
+        self.c_by_source.labels(*self._l, "local_cache_hit").inc(r.hit)
+        self.c_by_source.labels(*self._l, "local_compute").inc(max(0, r.prompt_tokens - r.cached - r.hit))
 
-    async def _stream(self, request, ids, chat, max_tokens, prompt_tokens, t0, headers, body) -> web.StreamResponse:
+    @staticmethod
+    def _usage(r: Reply) -> dict:
+        n = r.seq.max_tokens
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": n, "total_tokens": r.prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": r.cached + r.hit}}
+
+    async def _failed(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        """A request vLLM fails with finish_reason `error`: 500, or for a stream an error event, then [DONE]."""
+        if not stream:
+            return self._error(500, "Internal server error", "InternalServerError")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await _end_stream(resp, "Internal server error")
+        return resp
+
+    async def _stream(self, request: web.Request, ids: str, chat: bool, r: Reply, headers: dict, body: dict) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await resp.prepare(request)
         kind = "chat.completion.chunk" if chat else "text_completion"
+        max_tokens = r.seq.max_tokens
         last = time.monotonic()
         try:
             for i in range(max_tokens):
-                await self.engine.next_token()
-                self.c_gen.labels(*self._l).inc()
+                if i or self.cfg.role != "prefill":  # a prefill's one token was sampled with its prompt
+                    await self._token(r, i)
                 now = time.monotonic()
-                if i == 0:
-                    self.h_ttft.labels(*self._l).observe(now - t0)
-                else:
+                if i:
                     self.h_itl.labels(*self._l).observe(now - last)
                 last = now
                 delta = {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None} if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None}
                 await resp.write(b"data: " + json.dumps({"id": ids, "object": kind, "model": self.cfg.model, "choices": [delta]}).encode() + b"\n\n")
         except EngineDeadError as e:
             # as vLLM's serving layer: the status is already 200, so the error is the next event, then [DONE]
-            err = {"error": {"message": f"EngineDeadError: {e}", "type": "InternalServerError", "code": 500}}
-            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
-            await resp.write_eof()
+            await _end_stream(resp, f"EngineDeadError: {e}")
             return resp
         final = {"id": ids, "object": kind, "model": self.cfg.model, "choices": [{"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}]}
         if (body.get("stream_options") or {}).get("include_usage", True):
-            final["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens}
+            final["usage"] = self._usage(r)
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        self._finish(max_tokens, t0)
+        self._finish(r.t0)
         return resp
 
-    def _finish(self, tokens: int, t0: float) -> None:
+    def _finish(self, t0: float) -> None:
         self.h_e2e.labels(*self._l).observe(time.monotonic() - t0)
         self.c_success.labels(*self._l, "length").inc()
+
+
+async def _end_stream(resp: web.StreamResponse, message: str) -> None:
+    """A failed stream's end, as vLLM's serving layer writes it: an error event, then [DONE]."""
+    err = {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}
+    await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+    await resp.write_eof()
 
 
 def _abandon(request: web.Request) -> web.Response:

@@ -74,6 +74,7 @@ class EndpointMetrics:
     proxy_in_flight: float | None = None  # the P/D proxy's own in-flight requests
     prefill_tokens_per_second: float | None = None  # measured prefill speed, if exported
     decode_seconds_per_token: float | None = None  # measured inter-token latency, if exported
+    kv_recompute_ratio: float | None = None  # share of prompt tokens the pair's decode recomputed instead of loading (proxy)
     transfer_profile: TransferProfile | None = None
     # A decode sidecar's measured profile per prefill peer (peer ip:port -> profile): the live links.
     link_profiles: Mapping[str, TransferProfile] | None = None

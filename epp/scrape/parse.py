@@ -24,7 +24,8 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         for s in fam.samples:
             name = s.name
             if name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                        "pdproxy_in_flight_requests", "pdproxy_prefill_tokens_per_second", "pdproxy_decode_seconds_per_token"):
+                        "pdproxy_in_flight_requests", "pdproxy_prefill_tokens_per_second", "pdproxy_decode_seconds_per_token",
+                        "pdproxy_kv_recompute_ratio"):
                 sums[name] = sums.get(name, 0.0) + s.value
                 counts[name] = counts.get(name, 0) + 1
             elif name == "vllm:cache_config_info":
@@ -84,6 +85,7 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         proxy_in_flight=sums.get("pdproxy_in_flight_requests"),
         prefill_tokens_per_second=mean("pdproxy_prefill_tokens_per_second"),
         decode_seconds_per_token=mean("pdproxy_decode_seconds_per_token"),
+        kv_recompute_ratio=mean("pdproxy_kv_recompute_ratio"),
         transfer_profile=transfer,
         link_profiles=link_profiles,
         running_loras=running,

@@ -83,15 +83,15 @@ def test_block_counts_are_log_spaced():
         block_counts(0, 10, 3)
 
 
-@pytest.mark.parametrize("backend", ["nccl", "fs"])
+@pytest.mark.parametrize("backend", ["nccl", "fs", "pull"])
 def test_profile_is_monotone_and_shows_the_link(backend, tmp_path):
-    link = LinkModel(bandwidth_bytes_per_s=5e6, latency_s=0.002) if backend == "fs" else LinkModel()
+    link = LinkModel(bandwidth_bytes_per_s=5e6, latency_s=0.002) if backend in ("fs", "pull") else LinkModel()
     prof = run_profile(ProfileSettings(backend, SHAPE, link, 1, 64, 4, 2, 2, str(tmp_path)))
     assert prof["schema"] == SCHEMA and prof["block_bytes"] == SHAPE.block_bytes
     secs = [p["seconds"] for p in prof["points"]]
     assert [p["blocks"] for p in prof["points"]] == [1, 4, 16, 64]
     assert secs == sorted(secs)
-    if backend == "fs":
+    if backend in ("fs", "pull"):
         assert secs[-1] >= 64 * SHAPE.block_bytes / 5e6  # the capped link is visible
 
 
@@ -101,3 +101,24 @@ def test_isotonic_fit_is_monotone_and_local():
     assert isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
     assert isotonic([5.0, 1.0, 1.0, 9.0]) == [pytest.approx(7 / 3)] * 3 + [9.0]
     assert isotonic([1.0, 2.0]) == [1.0, 2.0]
+
+
+def test_pull_reads_held_blocks_once_and_refuses_the_rest():
+    from kv_transfer.tcp_pull import PullError, PullServer, pull
+
+    async def run():
+        released = []
+        server = PullServer("127.0.0.1", 0, ttl=60)
+        await server.start()
+        layers = make_kv("r-1", 5, SHAPE)
+        server.hold("r-1", layers, lambda: released.append("r-1"))
+        got = await pull("127.0.0.1", server.port, "r-1", SHAPE, 10)
+        verify_kv("r-1", got.layers, SHAPE)
+        assert released == ["r-1"] and server.held() == 0  # read once: freed
+        with pytest.raises(PullError, match="no KV blocks held"):
+            await pull("127.0.0.1", server.port, "r-1", SHAPE, 10)
+        with pytest.raises(PullError, match="cannot reach"):
+            await pull("127.0.0.1", free_port(), "r-2", SHAPE, 2)
+        await server.close()
+
+    asyncio.run(run())

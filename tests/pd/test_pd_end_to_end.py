@@ -6,8 +6,8 @@ import re
 import httpx
 import pytest
 
-P2P_ID = re.compile(r"^cmpl-___prefill_addr_127\.0\.0\.1:\d+___decode_addr_127\.0\.0\.1:(\d+)_[0-9a-f]{32}-0$")
-FS_ID = re.compile(r"^cmpl-___prefill_addr_vllm-prefill-fs___decode_addr_vllm-decode-fs_[0-9a-f]{32}-0$")
+P2P_ID = re.compile(r"^cmpl-___prefill_addr_127\.0\.0\.1:\d+___decode_addr_127\.0\.0\.1:(\d+)_[0-9a-f]{32}$")  # vLLM: cmpl-<X-Request-Id>, no "-0"
+FS_ID = re.compile(r"^cmpl-___prefill_addr_vllm-prefill-fs___decode_addr_vllm-decode-fs_[0-9a-f]{32}$")  # vLLM: cmpl-<X-Request-Id>, no "-0"
 
 
 def completion(url, stream=False, **extra):

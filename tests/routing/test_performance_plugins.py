@@ -195,3 +195,46 @@ def test_predicted_latency_names_endpoints_without_fresh_metrics_and_keeps_their
     s.score(st, req(100), [old, ep("fresh")])
     assert st.notes["predicted-latency-scorer"]["no_fresh_metrics"] == ["old"]
     assert st.read("predicted-latency")["old"]["prefill"] == pytest.approx(0.1)  # last measured speed, not the default
+
+
+def test_predicted_latency_never_takes_an_unmeasured_endpoint_for_the_fastest():
+    """A vLLM named directly (no proxy, so no measured speeds) must not look faster than measured pairs."""
+    s = make("predicted-latency-scorer")  # defaults 20,000 prefill tokens/s, 10 ms per token
+    measured = [ep(f"pair{i}", prefill_tokens_per_second=5000.0, decode_seconds_per_token=0.03) for i in range(2)]
+    direct = ep("direct")
+    st = CycleState()
+    scores = s.score(st, req(1000), [*measured, direct])
+    est = st.read("predicted-latency")
+    assert est["direct"]["prefill"] == pytest.approx(1000 / 5000) and est["direct"]["spt"] == pytest.approx(0.03)
+    assert scores[2] <= max(scores[:2]), "as slow as the slowest measured, not the optimistic default"
+    assert st.notes["predicted-latency-scorer"]["unmeasured"] == ["direct"]
+    fast = [ep("quick", prefill_tokens_per_second=80000.0, decode_seconds_per_token=0.002)]
+    st = CycleState()
+    s.score(st, req(1000), [*fast, direct])
+    assert st.read("predicted-latency")["direct"]["prefill"] == pytest.approx(1000 / 20000), "never faster than the defaults"
+
+
+def test_predicted_latency_prices_a_recomputing_decode_as_a_prefill():
+    s = make("predicted-latency-scorer")
+    loads = ep("loads", SLOW, prefill_tokens_per_second=10000.0, decode_seconds_per_token=0.01)
+    recomputes = ep("recomputes", FAST, prefill_tokens_per_second=10000.0, decode_seconds_per_token=0.01, kv_recompute_ratio=1.0)
+    st = CycleState()
+    s.score(st, req(1600), [loads, recomputes])
+    est = st.read("predicted-latency")
+    assert est["recomputes"]["transfer"] == pytest.approx(0.16) and est["loads"]["transfer"] == pytest.approx(0.110)
+    assert st.notes["predicted-latency-scorer"]["kv_recomputing"] == {"recomputes": 1.0}
+
+
+def test_predicted_latency_takes_small_speed_differences_for_noise():
+    """Pairs on one busy host read speeds 20% apart: no preference; twice as slow is a real difference."""
+    s = make("predicted-latency-scorer")
+    a = ep("a", prefill_tokens_per_second=10000.0, decode_seconds_per_token=0.012)
+    b = ep("b", prefill_tokens_per_second=8500.0, decode_seconds_per_token=0.010)
+    assert s.score(CycleState(), req(500), [a, b]) == [1.0, 1.0]
+    slow = ep("slow", prefill_tokens_per_second=4000.0, decode_seconds_per_token=0.025)
+    st = CycleState()
+    scores = s.score(st, req(500), [a, slow])
+    assert scores[0] == 1.0 and scores[1] < 0.6
+    assert st.read("predicted-latency")["slow"]["spt"] == pytest.approx(0.025)
+    strict = make("predicted-latency-scorer", {"speedTolerance": 1})  # 1: every difference counts, as before
+    assert min(strict.score(CycleState(), req(500), [a, b])) < 1.0
