@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
 import time
@@ -22,6 +23,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def late_port() -> int:
+    """A free port for a server that binds it only much later (vLLM: a minute on two cores).
+
+    Outside the kernel's ephemeral range, where no outgoing connection and no other `free_port()`
+    on this machine takes it meanwhile (that race left a real NIXL decode without its side channel).
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    rng = random.SystemRandom()
+    for _ in range(100 if low > 20100 else 0):
+        port = rng.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 LINK_MODELLED = ("nccl", "fs", "pull")  # the simulator's transports, which the profiler runs through the link model
@@ -95,14 +118,14 @@ class LocalStack:
         for old in self.logs.glob("*.log"):  # one run's logs per start, so `epp decisions` reads this run
             old.unlink()
         if not self.ports.kv_events:
-            self.ports.kv_events = free_port()
+            self.ports.kv_events = late_port()  # bound once the engines are up
         engine = vllm_pairs.prepare(self, progress) if t.engine == "vllm" else None
         profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
         for backend in t.backends:
             for i in range(backend.pairs):
                 prof = profiles.get(backend.label)
-                pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, free_port) if engine else self._start_pair(backend, i, prof))
+                pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, late_port) if engine else self._start_pair(backend, i, prof))
         if engine:
             progress(f"{len(pending) * 2 // 3} vLLM servers starting (≈25–80 s each on two cores)")
         for child, url in pending:

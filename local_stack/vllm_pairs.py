@@ -2,7 +2,7 @@
 
 A `nixl` backend runs two NixlConnector servers and a proxy in `--mode nixl`; an `fs` backend two
 ExampleConnector servers sharing a directory and a proxy in `--mode shared-storage` that prunes
-it. Every server gets its own free ports (HTTP and, for NIXL, the side channel).
+it. Every server gets its own free ports (HTTP and, for NIXL, the side channel) from `port` (`stack.late_port`: they bind a minute later).
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def start_server(stack: "LocalStack", engine: VllmCpu, name: str, port: int, kv:
                                      engine.env(side_port))
 
 
-def start_pair(stack: "LocalStack", engine: VllmCpu, b: "Backend", i: int, profile: Path | None, free_port) -> list[tuple[Child, str]]:
+def start_pair(stack: "LocalStack", engine: VllmCpu, b: "Backend", i: int, profile: Path | None, port) -> list[tuple[Child, str]]:
     suffix = "" if b.pairs == 1 else f"-{i}"
     name = f"{b.proxy_name}{suffix}"
-    http_p, http_d, proxy_port = free_port(), free_port(), free_port()
+    http_p, http_d, proxy_port = port(), port(), port()
     policy = stack.topology.vllm.kv_load_failure_policy
     events = stack.kv_events_config(proxy_port)  # the prefill holds the prefix cache; its events name the pair's proxy
     if b.transfer == "nixl":
-        p = start_server(stack, engine, f"{name}-prefill", http_p, kv_transfer_config("nixl", "prefill", failure_policy=policy), free_port(),
+        p = start_server(stack, engine, f"{name}-prefill", http_p, kv_transfer_config("nixl", "prefill", failure_policy=policy), port(),
                          events=events)
-        d = start_server(stack, engine, f"{name}-decode", http_d, kv_transfer_config("nixl", "decode", failure_policy=policy), free_port())
+        d = start_server(stack, engine, f"{name}-decode", http_d, kv_transfer_config("nixl", "decode", failure_policy=policy), port())
         mode = ["--mode", "nixl"]
     else:
         store = stack.workdir / "kv" / name

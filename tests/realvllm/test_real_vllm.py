@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from local_stack.processes import ProcessGroup
-from local_stack.stack import LocalStack, StackPorts
+from local_stack.stack import LocalStack, StackPorts, late_port
 from local_stack.topology import load_topology
 from tests.conftest import free_port, wait_until
 from vllm_cpu.server import VllmCpu
@@ -122,7 +122,7 @@ def engine() -> VllmCpu:
 def reference(engine, tmp_path_factory):
     """A single vLLM server without a connector, started beside the stack."""
     group = ProcessGroup(tmp_path_factory.mktemp("reference"))
-    port = free_port()
+    port = late_port()  # vLLM binds it a minute later
     child = group.start_command("vllm-single", engine.command(port), engine.env())
     yield group, child, f"http://127.0.0.1:{port}"
     group.stop()
@@ -131,7 +131,7 @@ def reference(engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(engine, reference, tmp_path_factory):
-    ports = StackPorts(free_port(), free_port(), free_port(), free_port())
+    ports = StackPorts(late_port(), late_port(), late_port(), late_port())  # bound minutes later
     s = LocalStack(load_topology(None, "vllm"), "default", tmp_path_factory.mktemp("stack"), ports)
     try:
         s.start(progress=lambda m: print(f"[stack] {m}", flush=True))
