@@ -212,7 +212,7 @@ def test_decision_log_and_scraped_metrics(stack, served):
     asyncio.run(_send_all(stack.gateway_url, more, concurrency=2, header=False))
 
     def scraped() -> list[str]:
-        out = subprocess.run([sys.executable, "-m", "epp.cli", "endpoints", "--address", f"127.0.0.1:{stack.ports.grpc_health}"],
+        out = subprocess.run([sys.executable, "-m", "epp.cli", "endpoints", "--grpc-port", str(stack.ports.grpc)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return [line for line in out.stdout.splitlines() if "kv-backend=" in line]
