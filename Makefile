@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[dev,backends,bench]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev,backends,bench,gateway]'
 	touch $(STAMP)
 
 run: setup

@@ -3,8 +3,11 @@
 Request path: headers → body chunks (accumulated to end_of_stream) → schedule → reply. In
 FULL_DUPLEX_STREAMED mode (GIE's default) the headers reply is deferred until the body is
 scheduled, then sent before the body, which is re-emitted in ≤62,000-byte chunks. In BUFFERED
-and STREAMED modes (Envoy says which in `protocol_config`) Envoy waits for the headers reply
-first, so it is a plain CONTINUE and the routing mutation rides on the final body reply.
+mode (Envoy says which in `protocol_config`) Envoy waits for the headers reply first and holds
+the request until the body reply, so the headers reply is a CONTINUE that strips client-set
+routing headers and the routing mutation rides on the body reply. In STREAMED mode Envoy picks
+the upstream as soon as the headers reply arrives, before the body exists to schedule on, so a
+request with a body is refused at its first message; headers-only requests route as in GIE.
 
 Response path: status and content type from the headers, usage from the JSON body or from SSE
 `data:` lines, the client's model name restored when it was rewritten, and the request's state
@@ -22,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.extproc import messages as msg
 from epp.extproc.director import Director, InFlight
-from epp.extproc.request_parser import parse_request
+from epp.extproc.request_parser import api_of, parse_request
 from epp.scheduling.framework import SchedulingError
 
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
@@ -44,6 +47,14 @@ SYSTEM_OWNED = frozenset(
         *CLIENT_FORBIDDEN,
         "content-length",
     }
+)
+
+# Methods that carry an inference request's body; a headers-only one to an inference path is a client error.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+STREAMED_REFUSED = SchedulingError(
+    "Internal",
+    "the gateway sends the request body in ext_proc mode STREAMED, where Envoy picks the upstream before the body "
+    "reaches the endpoint picker; configure request_body_mode FULL_DUPLEX_STREAMED (or BUFFERED) in the ext_proc filter",
 )
 
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
@@ -139,9 +150,7 @@ class StreamHandler:
             pc = req.protocol_config
             self.request_mode = pc.request_body_mode or _FULL_DUPLEX
             self.response_mode = pc.response_body_mode or _FULL_DUPLEX
-            self.deferred = self.request_mode == _FULL_DUPLEX or (
-                self.request_mode == _STREAMED and pc.send_body_without_waiting_for_header_response
-            )
+            self.deferred = self.request_mode == _FULL_DUPLEX
         hm = req.request_headers
         self.headers = headers = _headers_of(hm.headers)
         self.path = headers.get(":path", "")
@@ -153,14 +162,18 @@ class StreamHandler:
         self.request_id = rid
         self.subset = _subset_of(req)
         if hm.end_of_stream:
+            if headers.get(":method", "POST") in BODY_METHODS and api_of(self.path):
+                return self._schedule(b"")  # an inference call without a body: the parser's clear 400
             try:
                 ep = self.director.pick_for_headers_only(self.subset)
             except SchedulingError as e:
                 return self._reject(e)
             return [self._routing_headers_reply(ep.hostport, 0)]
+        if self.request_mode == _STREAMED:
+            return self._reject(STREAMED_REFUSED)
         if not self.deferred:
-            # Envoy waits for this reply before sending the body; strip forbidden client headers now.
-            return [msg.request_headers_response(remove=self._forbidden_present())]
+            # BUFFERED: Envoy waits for this reply, then for the body reply before routing.
+            return [msg.request_headers_response(remove=self._forbidden_present(keep_destination=False))]
         return []
 
     def _request_body(self, b: pb.HttpBody) -> list[pb.ProcessingResponse]:
@@ -173,8 +186,6 @@ class StreamHandler:
                 return self._reject(err)
             self.body.append(chunk)
         if not b.end_of_stream:
-            if self.request_mode == _STREAMED and not self.deferred:
-                return [msg.body_response(request=True, clear_body=True)]  # withheld; re-sent whole at the end
             return []
         raw = b"".join(self.body)
         self.body.clear()
@@ -217,8 +228,9 @@ class StreamHandler:
             h["x-request-id"] = self.request_id
         return h
 
-    def _forbidden_present(self) -> list[str]:
-        return [k for k in CLIENT_FORBIDDEN if k in self.headers and k != msg.DESTINATION_HEADER]
+    def _forbidden_present(self, keep_destination: bool = True) -> list[str]:
+        """Client-set routing headers to remove; the destination is kept only where the same reply overwrites it."""
+        return [k for k in CLIENT_FORBIDDEN if k in self.headers and not (keep_destination and k == msg.DESTINATION_HEADER)]
 
     def _routing_headers_reply(self, destination: str, body_len: int) -> pb.ProcessingResponse:
         return msg.request_headers_response(
