@@ -32,9 +32,9 @@ def _settings_flags(p: argparse.ArgumentParser, port: int, epp: str | None) -> N
 
 
 def _settings(args: argparse.Namespace, target: str) -> EnvoySettings:
-    common = {"body_mode": args.body_mode, "max_request_body_bytes": args.max_request_body_bytes, "admin_port": args.admin_port}
+    common = {"body_mode": args.body_mode, "max_request_body_bytes": args.max_request_body_bytes}
     if target == "kubernetes":
-        s = replace(EnvoySettings.kubernetes(), listen_port=args.port, **common)
+        s = replace(EnvoySettings.kubernetes(), listen_port=args.port, admin_port=args.admin_port, **common)
     else:
         s = EnvoySettings.local(args.port, args.admin_port, [9002], **common)
     if args.epp:

@@ -127,7 +127,13 @@ def _ext_proc(s: EnvoySettings) -> dict:
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EPP_CLUSTER}},
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": EPP_CLUSTER},
+                # A replica that is gone is retried on another before the stream starts.
+                "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable", "num_retries": 2,
+                                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                                           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]},
+            },
             # FULL_DUPLEX_STREAMED needs fail-closed; and a request the EPP never saw has no destination anyway.
             "failure_mode_allow": False,
             "status_on_error": {"code": "ServiceUnavailable"},
