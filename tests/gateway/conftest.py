@@ -45,6 +45,7 @@ class Envoy:
     port: int
     admin: int
     settings: EnvoySettings
+    config_path: Path
 
     @property
     def url(self) -> str:
@@ -74,8 +75,8 @@ class Rig:
                 f"- {{name: {n}, address: 127.0.0.1, port: {p}}}\n" for n, p in self.upstreams.items()))
         return port
 
-    def epp(self, name: str = "epp", *extra: str) -> Epp:
-        g, h, m = free_port(), free_port(), free_port()
+    def epp(self, name: str = "epp", *extra: str, grpc: int | None = None) -> Epp:
+        g, h, m = grpc or free_port(), free_port(), free_port()
         child = self.procs.start(name, [
             "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), "--secure-serving=false", "--bind-address", "127.0.0.1",
             "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m), "--config-profile", "proxy-performance",
@@ -86,9 +87,10 @@ class Rig:
     def envoy(self, name: str, epp_ports: list[int], wait_for_epps: int | None = None, **overrides) -> Envoy:
         port, admin = free_port(), free_port()
         settings = EnvoySettings.local(port, admin, epp_ports, max_request_body_bytes=MAX_BODY, **overrides)
-        child = start_envoy(self.procs, settings, self.workdir / f"{name}.yaml", name=name)
+        path = self.workdir / f"{name}.yaml"
+        child = start_envoy(self.procs, settings, path, name=name)
         wait_envoy_ready(child, admin, epp_replicas=len(epp_ports) if wait_for_epps is None else wait_for_epps)
-        return Envoy(child, port, admin, settings)
+        return Envoy(child, port, admin, settings, path)
 
     def stop(self) -> None:
         self.procs.stop()
