@@ -106,7 +106,7 @@ def _processing_mode(body_mode: str) -> dict[str, str]:
     }
 
 
-def _access_log() -> list[dict]:
+def access_log_config() -> list[dict]:
     fields = {
         "start": "%START_TIME%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "status": "%RESPONSE_CODE%",
         "details": "%RESPONSE_CODE_DETAILS%", "flags": "%RESPONSE_FLAGS%", "upstream": "%UPSTREAM_HOST%",
@@ -193,7 +193,7 @@ def _listener(s: EnvoySettings) -> dict:
         ],
     }
     if s.access_log:
-        hcm["access_log"] = _access_log()
+        hcm["access_log"] = access_log_config()
     return {
         "name": "llm",
         "address": {"socket_address": {"address": s.listen_address, "port_value": s.listen_port}},

@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from gateway.envoy_config import EPP_CLUSTER, EnvoySettings, render_yaml
 from local_stack.processes import Child, ProcessGroup, tail
 
@@ -27,13 +29,16 @@ def epp_hosts_healthy(admin_port: int) -> list[str]:
 
 
 def start_envoy(procs: ProcessGroup, settings: EnvoySettings, config_path: Path, name: str = "envoy",
-                log_level: str = "warning") -> Child:
-    """Write the config and start Envoy; its stdout (the JSON access log) and stderr go to `<logs>/<name>.log`."""
+                log_level: str = "warning", config: dict | None = None, extra_args: tuple[str, ...] = ()) -> Child:
+    """Write the config (`settings` rendered, or `config` as given) and start Envoy.
+
+    Its stdout (the JSON access log) and stderr go to `<logs>/<name>.log`.
+    """
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(render_yaml(settings))
+    config_path.write_text(render_yaml(settings) if config is None else yaml.safe_dump(config, sort_keys=False))
     # --disable-hot-restart: several Envoys on one machine (tests, helpers) must not share the hot-restart socket.
     return procs.start(name, ["gateway.envoy_binary", "-c", str(config_path), "--log-level", log_level,
-                              "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"])
+                              "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v", *extra_args])
 
 
 def wait_envoy_ready(child: Child, admin_port: int, timeout: float = 30.0, epp_replicas: int = 1) -> None:

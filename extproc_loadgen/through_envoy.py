@@ -1,0 +1,265 @@
+"""`envoy-loadgen`: what the EPP costs behind real Envoy, side by side with Envoy routed straight to the same upstreams.
+
+One Envoy process, configured from the shared template (gateway/envoy_config.py), with two more listeners:
+
+    gateway  → ext_proc (`epp serve`, FULL_DUPLEX_STREAMED) → ORIGINAL_DST → the upstream the EPP picked
+    direct   → the same upstreams, round robin, no ext_proc
+    upstream → N listeners that answer an OpenAI-style JSON at once (direct_response): the fastest model server possible
+
+For each concurrency level, each round measures both paths with the same client (aiohttp, keep-alive,
+C requests in flight), alternating which goes first. Printed and written (JSON, PNG): req/s, latency
+p50/p90/p99, errors, CPU per request of Envoy and of the EPP; per round the EPP-added latency
+(p50 through the EPP minus p50 direct) and the throughput ratio (EPP path / direct); medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from extproc_loadgen.cli import _pct, cpu_seconds, scrape
+
+CHAT_BODY_WORDS = 400
+UPSTREAM_ANSWER = json.dumps({"id": "cmpl-1", "object": "chat.completion", "model": "meta-llama/Llama-3.1-8B-Instruct",
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 401, "completion_tokens": 1}})
+
+
+def _free_port() -> int:
+    from local_stack.stack import free_port
+
+    return free_port()
+
+
+def bench_config(settings, upstream_ports: list[int], direct_port: int) -> dict:
+    """The shared template, plus the direct path and the upstreams as listeners of the same Envoy."""
+    from gateway.envoy_config import access_log_config, render
+
+    config = render(settings)
+    resources = config["static_resources"]
+
+    def hcm(stat_prefix: str, route: dict, filters: list[dict], log: bool) -> dict:
+        typed = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix, "codec_type": "AUTO",
+            "route_config": {"virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": [{"match": {"prefix": "/"}, **route}]}]},
+            "http_filters": [*filters, {"name": "envoy.filters.http.router",
+                                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }
+        if log:
+            typed["access_log"] = access_log_config()  # the gateway listener logs each request; so does the direct one
+        return {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": typed}]}
+
+    def listener(name: str, port: int, chain: dict) -> dict:
+        return {"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}, "filter_chains": [chain]}
+
+    answer = {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_ANSWER}},
+              "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+    for i, port in enumerate(upstream_ports):
+        resources["listeners"].append(listener(f"upstream-{i}", port, hcm(f"upstream_{i}", answer, [], log=False)))
+    direct_route = {"route": {"cluster": "direct", "timeout": f"{settings.request_timeout_s}s"}}
+    resources["listeners"].append(listener("direct", direct_port, hcm("direct", direct_route, [], log=settings.access_log)))
+    resources["clusters"].append({
+        "name": "direct", "type": "STATIC", "connect_timeout": "5s", "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000, "max_requests": 40000}]},
+        "load_assignment": {"cluster_name": "direct", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in upstream_ports]}]},
+    })
+    return config
+
+
+async def _drive(url: str, body: bytes, concurrency: int, warmup: float, duration: float, on_edge) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    state = {"measuring": False, "stop": False}
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def worker() -> None:
+            nonlocal errors
+            while not state["stop"]:
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok = False
+                if state["measuring"]:
+                    if ok:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        await asyncio.sleep(warmup)
+        before = on_edge()
+        state["measuring"] = True
+        t_start = time.perf_counter()
+        await asyncio.sleep(duration)
+        state["measuring"] = False
+        elapsed = time.perf_counter() - t_start
+        after = on_edge()
+        state["stop"] = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "before": before, "after": after}
+
+
+def measure(path: str, url: str, body: bytes, concurrency: int, warmup: float, duration: float, envoy_pid: int, epp_pid: int) -> dict:
+    edge = lambda: {"envoy_cpu": cpu_seconds(envoy_pid), "epp_cpu": cpu_seconds(epp_pid)}  # noqa: E731
+    r = asyncio.run(_drive(url, body, concurrency, warmup, duration, edge))
+    n = len(r["latencies"])
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    per_request_us = lambda key: round((r["after"][key] - r["before"][key]) / n * 1e6, 1) if n else None  # noqa: E731
+    return {
+        "path": path, "concurrency": concurrency, "requests": n, "errors": r["errors"],
+        "req_per_s": round(n / r["elapsed"], 1),
+        "latency_ms": {"p50": ms(_pct(r["latencies"], 50)), "p90": ms(_pct(r["latencies"], 90)), "p99": ms(_pct(r["latencies"], 99))},
+        "envoy_cpu_us_per_request": per_request_us("envoy_cpu"),
+        "epp_cpu_us_per_request": per_request_us("epp_cpu") if path == "envoy+epp" else None,
+    }
+
+
+def summarize(rounds: list[dict]) -> list[dict]:
+    """Per concurrency: medians over rounds of each path's figures, the EPP-added p50 and the throughput ratio."""
+    out = []
+    for c in sorted({r["concurrency"] for r in rounds}):
+        at = [r for r in rounds if r["concurrency"] == c]
+        pairs = [(d, e) for d in at for e in at if d["path"] == "direct" and e["path"] == "envoy+epp" and d["round"] == e["round"]]
+        med = lambda rows, f: round(statistics.median(f(r) for r in rows), 3) if rows else None  # noqa: E731
+        row = {"concurrency": c, "rounds": len(pairs)}
+        for path in ("direct", "envoy+epp"):
+            rows = [r for r in at if r["path"] == path]
+            row[path] = {"req_per_s": med(rows, lambda r: r["req_per_s"]), "p50_ms": med(rows, lambda r: r["latency_ms"]["p50"]),
+                         "p99_ms": med(rows, lambda r: r["latency_ms"]["p99"]), "errors": sum(r["errors"] for r in rows)}
+        row["epp_added_p50_ms"] = med(pairs, lambda p: p[1]["latency_ms"]["p50"] - p[0]["latency_ms"]["p50"])
+        row["epp_added_p50_ms_per_round"] = [round(e["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3) for d, e in pairs]
+        row["throughput_ratio"] = med(pairs, lambda p: p[1]["req_per_s"] / p[0]["req_per_s"] if p[0]["req_per_s"] else 0.0)
+        row["throughput_ratio_per_round"] = [round(e["req_per_s"] / d["req_per_s"], 4) if d["req_per_s"] else 0.0 for d, e in pairs]
+        out.append(row)
+    return out
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [s["concurrency"] for s in summary]
+    x = range(len(cs))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for offset, (key, label, color) in ((-0.2, ("direct", "Envoy direct", "#4c72b0")), (0.2, ("envoy+epp", "Envoy + EPP", "#dd8452"))):
+        ax1.bar([i + offset for i in x], [s[key]["req_per_s"] for s in summary], width=0.4, label=label, color=color)
+        ax2.bar([i + offset for i in x], [s[key]["p50_ms"] for s in summary], width=0.4, label=label, color=color)
+    for i, s in zip(x, summary):
+        ax1.annotate(f"×{s['throughput_ratio']:.3f}", (i + 0.2, s["envoy+epp"]["req_per_s"]), ha="center", va="bottom", fontsize=8)
+        ax2.annotate(f"+{s['epp_added_p50_ms']:.2f} ms", (i + 0.2, s["envoy+epp"]["p50_ms"]), ha="center", va="bottom", fontsize=8)
+    for ax, ylabel in ((ax1, "requests / s (median of rounds)"), (ax2, "latency p50, ms (median of rounds)")):
+        ax.set_xticks(list(x), [f"c={c}" for c in cs])
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from gateway.envoy_config import EnvoySettings
+    from gateway.envoy_process import start_envoy, wait_envoy_ready
+    from local_stack.processes import ProcessGroup
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="envoy-loadgen-"))
+    procs = ProcessGroup(workdir / "logs")
+    upstreams = [_free_port() for _ in range(args.endpoints)]
+    gateway_port, direct_port, admin = _free_port(), _free_port(), _free_port()
+    grpc, health, metrics = _free_port(), _free_port(), _free_port()
+    eps = workdir / "endpoints.yaml"
+    eps.write_text("endpoints:\n" + "".join(f"- {{name: upstream-{i}, address: 127.0.0.1, port: {p}, labels: {{role: proxy}}}}\n"
+                                            for i, p in enumerate(upstreams)))
+    settings = EnvoySettings.local(gateway_port, admin, [grpc], served_header=False)
+    rounds: list[dict] = []
+    try:
+        epp = procs.start("epp", ["epp.cli", "serve", "--endpoints-file", str(eps), "--secure-serving=false", "--bind-address", "127.0.0.1",
+                                  "--grpc-port", str(grpc), "--grpc-health-port", str(health), "--metrics-port", str(metrics),
+                                  "--config-profile", args.profile])
+        procs.wait_http(epp, f"http://127.0.0.1:{metrics}/metrics")
+        envoy = start_envoy(procs, settings, workdir / "envoy.yaml", config=bench_config(settings, upstreams, direct_port),
+                            extra_args=("--concurrency", str(args.envoy_workers)))
+        wait_envoy_ready(envoy, admin)
+        body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "word " * CHAT_BODY_WORDS}],
+                           "max_tokens": 128}).encode()
+        urls = {"direct": f"http://127.0.0.1:{direct_port}/v1/chat/completions",
+                "envoy+epp": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
+        print(f"envoy-loadgen: Envoy {settings.listen_port} (+EPP) vs {direct_port} (direct), {args.endpoints} upstreams, "
+              f"{len(body)} B chat body, {args.duration:g} s per measurement; logs {workdir}/logs", flush=True)
+        for c in args.concurrency:
+            for i in range(args.repeat):
+                order = ("direct", "envoy+epp") if i % 2 == 0 else ("envoy+epp", "direct")
+                for path in order:
+                    r = measure(path, urls[path], body, c, args.warmup, args.duration, envoy.proc.pid, epp.proc.pid)
+                    r["round"] = i
+                    rounds.append(r)
+                    print(f"  c={c:<3d} round {i + 1}/{args.repeat} {path:10s} {r['req_per_s']:8.1f} req/s  p50 {r['latency_ms']['p50']:7.2f} ms  "
+                          f"p99 {r['latency_ms']['p99']:7.2f} ms  envoy {r['envoy_cpu_us_per_request']} µs CPU/req"
+                          + (f"  epp {r['epp_cpu_us_per_request']} µs CPU/req" if r["epp_cpu_us_per_request"] is not None else "")
+                          + f"  errors {r['errors']}", flush=True)
+        scheduled = scrape(metrics)["inference_extension_scheduler_e2e_duration_seconds_count"]
+    finally:
+        procs.stop()
+    return {"rounds": rounds, "summary": summarize(rounds), "epp_scheduled_requests": scheduled,
+            "setup": {"endpoints": args.endpoints, "profile": args.profile, "envoy_workers": args.envoy_workers, "body_bytes": len(body),
+                      "duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="envoy-loadgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", default="1,32", help="comma-separated requests-in-flight levels (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per level; medians are reported (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per path and round (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before each measurement (default: %(default)s)")
+    p.add_argument("--endpoints", type=int, default=4, help="upstream listeners the EPP picks among (default: %(default)s)")
+    p.add_argument("--profile", default="proxy-performance", help="EPP config profile (default: %(default)s)")
+    p.add_argument("--envoy-workers", type=int, default=2, help="Envoy's --concurrency, its worker threads (default: %(default)s)")
+    p.add_argument("--workdir", default=None, help="configs and logs go here (default: a new temporary directory)")
+    p.add_argument("--output-dir", default=None, help="write envoy-loadgen.json and envoy-loadgen.png here (default: print only)")
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        p.error("--concurrency: comma-separated integers, e.g. 1,32")
+    if not args.concurrency or min(args.concurrency) < 1 or args.repeat < 1 or args.duration <= 0:
+        p.error("--concurrency levels, --repeat and --duration must be positive")
+    try:
+        result = run(args)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
+        print(f"envoy-loadgen: {e}", file=sys.stderr)
+        return 1
+    result["command"] = " ".join(["envoy-loadgen", *(argv if argv is not None else sys.argv[1:])])
+    print()
+    for s in result["summary"]:
+        d, e = s["direct"], s["envoy+epp"]
+        print(f"c={s['concurrency']:<3d} median of {s['rounds']}: direct {d['req_per_s']:.1f} req/s p50 {d['p50_ms']:.2f} ms | "
+              f"envoy+epp {e['req_per_s']:.1f} req/s p50 {e['p50_ms']:.2f} ms | EPP adds {s['epp_added_p50_ms']:.2f} ms p50 "
+              f"(rounds {s['epp_added_p50_ms_per_round']}) | throughput ratio {s['throughput_ratio']:.3f} (rounds {s['throughput_ratio_per_round']})")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "envoy-loadgen.json").write_text(json.dumps(result, indent=2))
+        plot(result["summary"], out / "envoy-loadgen.png", result["command"])
+        print(f"wrote {out / 'envoy-loadgen.json'} and {out / 'envoy-loadgen.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
