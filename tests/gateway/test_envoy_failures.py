@@ -1,5 +1,9 @@
 """The gateway when EPP replicas are missing or die: real Envoy, real `epp serve` processes, SIGKILL."""
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -78,3 +82,30 @@ def test_two_epp_replicas_one_dies_and_traffic_continues_on_the_other(rig):
         assert outcome.startswith("cut:"), f"a stream cut by the dying EPP ends visibly, never as a clean short response: {outcome}"
     assert len(failed) <= 4
     assert wait_until(lambda: epp_hosts_healthy(envoy.admin) == [f"127.0.0.1:{e1.grpc}"], timeout=10, interval=0.1)
+
+
+def test_epp_gateway_up_runs_envoy_in_front_of_a_running_epp_and_stops_on_ctrl_c(rig, tmp_path):
+    """`epp-gateway up`, the command for EPPs people run themselves: it becomes Envoy; Ctrl-C ends it."""
+    rig.upstream("c")
+    epp = rig.epp("epp-for-cli")
+    port, admin = free_port(), free_port()
+    cmd = [sys.executable, "-m", "gateway.cli", "up", "--epp", f"127.0.0.1:{epp.grpc}", "--port", str(port), "--admin-port", str(admin),
+           "--config-out", str(tmp_path / "envoy.yaml")]
+    out = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_until(lambda: _ready(admin) and epp_hosts_healthy(admin), timeout=30, interval=0.1), (tmp_path / "up.log").read_text()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=30)
+        assert r.status_code == 200 and r.json()["from"] in rig.upstreams
+        assert f"admin and stats http://127.0.0.1:{admin}/stats" in (tmp_path / "up.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+    assert code == 0, (tmp_path / "up.log").read_text()
+
+
+def _ready(admin: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).text.strip() == "LIVE"
+    except httpx.HTTPError:
+        return False
