@@ -4,6 +4,8 @@ One Envoy process, configured from the shared template (gateway/envoy_config.py)
 
     gateway  → ext_proc (`epp serve`, FULL_DUPLEX_STREAMED) → ORIGINAL_DST → the upstream the EPP picked
     direct   → the same upstreams, round robin, no ext_proc
+    floor    → (--floor) the gateway listener's twin, asking a fixed-route ext_proc server with the same message
+               flow and no logic (extproc_loadgen.baseline_server): what grpc-python alone adds
     upstream → N listeners that answer an OpenAI-style JSON at once (direct_response): the fastest model server possible
 
 For each concurrency level, each round measures both paths with the same client (aiohttp, keep-alive,
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from pathlib import Path
 from extproc_loadgen.cli import _pct, cpu_seconds, scrape
 
 CHAT_BODY_WORDS = 400
+PATHS = ("direct", "envoy+epp", "envoy+floor")
 UPSTREAM_ANSWER = json.dumps({"id": "cmpl-1", "object": "chat.completion", "model": "meta-llama/Llama-3.1-8B-Instruct",
                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
                               "usage": {"prompt_tokens": 401, "completion_tokens": 1}})
@@ -37,12 +41,26 @@ def _free_port() -> int:
     return free_port()
 
 
-def bench_config(settings, upstream_ports: list[int], direct_port: int) -> dict:
-    """The shared template, plus the direct path and the upstreams as listeners of the same Envoy."""
-    from gateway.envoy_config import access_log_config, render
+def bench_config(settings, upstream_ports: list[int], direct_port: int, floor: tuple[int, int] | None = None) -> dict:
+    """The shared template, plus the direct path, the upstreams and (`floor` = (listener port, ext_proc port)) the floor path."""
+    import copy
+    from dataclasses import replace
+
+    from gateway.envoy_config import EPP_CLUSTER, access_log_config, render
 
     config = render(settings)
     resources = config["static_resources"]
+    if floor is not None:
+        twin = render(replace(settings, listen_port=floor[0], epp=[f"127.0.0.1:{floor[1]}"]))["static_resources"]
+        listener = copy.deepcopy(twin["listeners"][0])
+        listener["name"] = "floor"
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = "floor"
+        hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "floor-extproc"
+        (cluster,) = [c for c in twin["clusters"] if c["name"] == EPP_CLUSTER]
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = "floor-extproc"
+        resources["listeners"].append(listener)
+        resources["clusters"].append(cluster)
 
     def hcm(stat_prefix: str, route: dict, filters: list[dict], log: bool) -> dict:
         typed = {
@@ -113,8 +131,10 @@ async def _drive(url: str, body: bytes, concurrency: int, warmup: float, duratio
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "before": before, "after": after}
 
 
-def measure(path: str, url: str, body: bytes, concurrency: int, warmup: float, duration: float, envoy_pid: int, epp_pid: int) -> dict:
-    edge = lambda: {"envoy_cpu": cpu_seconds(envoy_pid), "epp_cpu": cpu_seconds(epp_pid)}  # noqa: E731
+def measure(path: str, url: str, body: bytes, concurrency: int, warmup: float, duration: float, envoy_pid: int,
+            extproc_pid: int | None) -> dict:
+    """One path at one concurrency: req/s, latency percentiles, CPU per request of Envoy and of the ext_proc server."""
+    edge = lambda: {"envoy_cpu": cpu_seconds(envoy_pid), "extproc_cpu": cpu_seconds(extproc_pid) if extproc_pid else 0.0}  # noqa: E731
     r = asyncio.run(_drive(url, body, concurrency, warmup, duration, edge))
     n = len(r["latencies"])
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
@@ -124,28 +144,40 @@ def measure(path: str, url: str, body: bytes, concurrency: int, warmup: float, d
         "req_per_s": round(n / r["elapsed"], 1),
         "latency_ms": {"p50": ms(_pct(r["latencies"], 50)), "p90": ms(_pct(r["latencies"], 90)), "p99": ms(_pct(r["latencies"], 99))},
         "envoy_cpu_us_per_request": per_request_us("envoy_cpu"),
-        "epp_cpu_us_per_request": per_request_us("epp_cpu") if path == "envoy+epp" else None,
+        "extproc_cpu_us_per_request": per_request_us("extproc_cpu") if extproc_pid else None,
     }
 
 
 def summarize(rounds: list[dict]) -> list[dict]:
-    """Per concurrency: medians over rounds of each path's figures, the EPP-added p50 and the throughput ratio."""
+    """Per concurrency: medians over rounds of each path's figures; per ext_proc path the added p50 and the throughput ratio."""
     out = []
+    med = lambda rows, f: round(statistics.median(f(r) for r in rows), 3) if rows else None  # noqa: E731
     for c in sorted({r["concurrency"] for r in rounds}):
         at = [r for r in rounds if r["concurrency"] == c]
-        pairs = [(d, e) for d in at for e in at if d["path"] == "direct" and e["path"] == "envoy+epp" and d["round"] == e["round"]]
-        med = lambda rows, f: round(statistics.median(f(r) for r in rows), 3) if rows else None  # noqa: E731
-        row = {"concurrency": c, "rounds": len(pairs)}
-        for path in ("direct", "envoy+epp"):
+        row: dict = {"concurrency": c}
+        for path in PATHS:
             rows = [r for r in at if r["path"] == path]
+            if not rows:
+                continue
             row[path] = {"req_per_s": med(rows, lambda r: r["req_per_s"]), "p50_ms": med(rows, lambda r: r["latency_ms"]["p50"]),
                          "p99_ms": med(rows, lambda r: r["latency_ms"]["p99"]), "errors": sum(r["errors"] for r in rows)}
-        row["epp_added_p50_ms"] = med(pairs, lambda p: p[1]["latency_ms"]["p50"] - p[0]["latency_ms"]["p50"])
-        row["epp_added_p50_ms_per_round"] = [round(e["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3) for d, e in pairs]
-        row["throughput_ratio"] = med(pairs, lambda p: p[1]["req_per_s"] / p[0]["req_per_s"] if p[0]["req_per_s"] else 0.0)
-        row["throughput_ratio_per_round"] = [round(e["req_per_s"] / d["req_per_s"], 4) if d["req_per_s"] else 0.0 for d, e in pairs]
+            if path == "direct":
+                continue
+            pairs = [(d, e) for d in at for e in rows if d["path"] == "direct" and d["round"] == e["round"]]
+            name = path.split("+")[1]  # epp | floor
+            added = [round(e["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3) for d, e in pairs]
+            ratio = [round(e["req_per_s"] / d["req_per_s"], 4) if d["req_per_s"] else 0.0 for d, e in pairs]
+            row["rounds"] = len(pairs)
+            row[f"{name}_added_p50_ms"] = round(statistics.median(added), 3) if added else None
+            row[f"{name}_added_p50_ms_per_round"] = added
+            row[f"{name}_throughput_ratio"] = round(statistics.median(ratio), 4) if ratio else None
+            row[f"{name}_throughput_ratio_per_round"] = ratio
         out.append(row)
     return out
+
+
+COLORS = {"direct": ("Envoy direct", "#4c72b0"), "envoy+floor": ("Envoy + fixed-route ext_proc (grpc-python floor)", "#8c8c8c"),
+          "envoy+epp": ("Envoy + EPP", "#dd8452")}
 
 
 def plot(summary: list[dict], path: Path, title: str) -> None:
@@ -155,18 +187,22 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     cs = [s["concurrency"] for s in summary]
-    x = range(len(cs))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for offset, (key, label, color) in ((-0.2, ("direct", "Envoy direct", "#4c72b0")), (0.2, ("envoy+epp", "Envoy + EPP", "#dd8452"))):
-        ax1.bar([i + offset for i in x], [s[key]["req_per_s"] for s in summary], width=0.4, label=label, color=color)
-        ax2.bar([i + offset for i in x], [s[key]["p50_ms"] for s in summary], width=0.4, label=label, color=color)
-    for i, s in zip(x, summary):
-        ax1.annotate(f"×{s['throughput_ratio']:.3f}", (i + 0.2, s["envoy+epp"]["req_per_s"]), ha="center", va="bottom", fontsize=8)
-        ax2.annotate(f"+{s['epp_added_p50_ms']:.2f} ms", (i + 0.2, s["envoy+epp"]["p50_ms"]), ha="center", va="bottom", fontsize=8)
-    for ax, ylabel in ((ax1, "requests / s (median of rounds)"), (ax2, "latency p50, ms (median of rounds)")):
-        ax.set_xticks(list(x), [f"c={c}" for c in cs])
+    paths = [p for p in PATHS if p in summary[0]]
+    width = 0.8 / len(paths)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for k, key in enumerate(paths):
+        label, color = COLORS[key]
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(cs))]
+        ax1.bar(xs, [s[key]["req_per_s"] for s in summary], width=width, label=label, color=color)
+        ax2.bar(xs, [s[key]["p50_ms"] for s in summary], width=width, label=label, color=color)
+        if key == "envoy+epp":
+            for x, s in zip(xs, summary):
+                ax1.annotate(f"×{s['epp_throughput_ratio']:.3f}", (x, s[key]["req_per_s"]), ha="center", va="bottom", fontsize=8)
+                ax2.annotate(f"+{s['epp_added_p50_ms']:.2f} ms", (x, s[key]["p50_ms"]), ha="center", va="bottom", fontsize=8)
+    for ax, ylabel in ((ax1, "requests / s (median of rounds)"), (ax2, "latency p50, ms (median of rounds, log)")):
+        ax.set_xticks(range(len(cs)), [f"c={c}" for c in cs])
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     ax2.set_yscale("log")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -182,44 +218,50 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="envoy-loadgen-"))
     procs = ProcessGroup(workdir / "logs")
     upstreams = [_free_port() for _ in range(args.endpoints)]
-    gateway_port, direct_port, admin = _free_port(), _free_port(), _free_port()
-    grpc, health, metrics = _free_port(), _free_port(), _free_port()
+    gateway_port, direct_port, floor_port, admin = _free_port(), _free_port(), _free_port(), _free_port()
+    grpc, health, metrics, floor_grpc = _free_port(), _free_port(), _free_port(), _free_port()
     eps = workdir / "endpoints.yaml"
     eps.write_text("endpoints:\n" + "".join(f"- {{name: upstream-{i}, address: 127.0.0.1, port: {p}, labels: {{role: proxy}}}}\n"
                                             for i, p in enumerate(upstreams)))
     settings = EnvoySettings.local(gateway_port, admin, [grpc], served_header=False)
+    urls = {"direct": f"http://127.0.0.1:{direct_port}/v1/chat/completions",
+            "envoy+epp": f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+            "envoy+floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions"}
+    paths = [p for p in PATHS if args.floor or p != "envoy+floor"]
     rounds: list[dict] = []
     try:
         epp = procs.start("epp", ["epp.cli", "serve", "--endpoints-file", str(eps), "--secure-serving=false", "--bind-address", "127.0.0.1",
                                   "--grpc-port", str(grpc), "--grpc-health-port", str(health), "--metrics-port", str(metrics),
                                   "--config-profile", args.profile])
+        pids = {"direct": None, "envoy+epp": epp.proc.pid}
+        if args.floor:
+            floor = procs.start("floor", ["extproc_loadgen.baseline_server", "--port", str(floor_grpc), "--destination", f"127.0.0.1:{upstreams[0]}"])
+            pids["envoy+floor"] = floor.proc.pid
         procs.wait_http(epp, f"http://127.0.0.1:{metrics}/metrics")
-        envoy = start_envoy(procs, settings, workdir / "envoy.yaml", config=bench_config(settings, upstreams, direct_port),
-                            extra_args=("--concurrency", str(args.envoy_workers)))
+        config = bench_config(settings, upstreams, direct_port, (floor_port, floor_grpc) if args.floor else None)
+        envoy = start_envoy(procs, settings, workdir / "envoy.yaml", config=config, extra_args=("--concurrency", str(args.envoy_workers)))
         wait_envoy_ready(envoy, admin)
         body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "word " * CHAT_BODY_WORDS}],
                            "max_tokens": 128}).encode()
-        urls = {"direct": f"http://127.0.0.1:{direct_port}/v1/chat/completions",
-                "envoy+epp": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
-        print(f"envoy-loadgen: Envoy {settings.listen_port} (+EPP) vs {direct_port} (direct), {args.endpoints} upstreams, "
-              f"{len(body)} B chat body, {args.duration:g} s per measurement; logs {workdir}/logs", flush=True)
+        print(f"envoy-loadgen: {', '.join(paths)}; {args.endpoints} upstreams, {len(body)} B chat body, {args.duration:g} s per "
+              f"measurement, {args.repeat} rounds; logs {workdir}/logs", flush=True)
         for c in args.concurrency:
             for i in range(args.repeat):
-                order = ("direct", "envoy+epp") if i % 2 == 0 else ("envoy+epp", "direct")
-                for path in order:
-                    r = measure(path, urls[path], body, c, args.warmup, args.duration, envoy.proc.pid, epp.proc.pid)
+                for path in paths[i % len(paths):] + paths[:i % len(paths)]:  # rotate which path goes first
+                    r = measure(path, urls[path], body, c, args.warmup, args.duration, envoy.proc.pid, pids[path])
                     r["round"] = i
                     rounds.append(r)
-                    print(f"  c={c:<3d} round {i + 1}/{args.repeat} {path:10s} {r['req_per_s']:8.1f} req/s  p50 {r['latency_ms']['p50']:7.2f} ms  "
+                    print(f"  c={c:<3d} round {i + 1}/{args.repeat} {path:11s} {r['req_per_s']:8.1f} req/s  p50 {r['latency_ms']['p50']:7.2f} ms  "
                           f"p99 {r['latency_ms']['p99']:7.2f} ms  envoy {r['envoy_cpu_us_per_request']} µs CPU/req"
-                          + (f"  epp {r['epp_cpu_us_per_request']} µs CPU/req" if r["epp_cpu_us_per_request"] is not None else "")
+                          + (f"  ext_proc {r['extproc_cpu_us_per_request']} µs CPU/req" if r["extproc_cpu_us_per_request"] is not None else "")
                           + f"  errors {r['errors']}", flush=True)
         scheduled = scrape(metrics)["inference_extension_scheduler_e2e_duration_seconds_count"]
     finally:
         procs.stop()
     return {"rounds": rounds, "summary": summarize(rounds), "epp_scheduled_requests": scheduled,
             "setup": {"endpoints": args.endpoints, "profile": args.profile, "envoy_workers": args.envoy_workers, "body_bytes": len(body),
-                      "duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat}}
+                      "duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat, "cpus": os.cpu_count(),
+                      "load_average_at_end": os.getloadavg()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoints", type=int, default=4, help="upstream listeners the EPP picks among (default: %(default)s)")
     p.add_argument("--profile", default="proxy-performance", help="EPP config profile (default: %(default)s)")
     p.add_argument("--envoy-workers", type=int, default=2, help="Envoy's --concurrency, its worker threads (default: %(default)s)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure Envoy + a fixed-route ext_proc server, the grpc-python floor (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="configs and logs go here (default: a new temporary directory)")
     p.add_argument("--output-dir", default=None, help="write envoy-loadgen.json and envoy-loadgen.png here (default: print only)")
     args = p.parse_args(argv)
@@ -248,10 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = " ".join(["envoy-loadgen", *(argv if argv is not None else sys.argv[1:])])
     print()
     for s in result["summary"]:
-        d, e = s["direct"], s["envoy+epp"]
-        print(f"c={s['concurrency']:<3d} median of {s['rounds']}: direct {d['req_per_s']:.1f} req/s p50 {d['p50_ms']:.2f} ms | "
-              f"envoy+epp {e['req_per_s']:.1f} req/s p50 {e['p50_ms']:.2f} ms | EPP adds {s['epp_added_p50_ms']:.2f} ms p50 "
-              f"(rounds {s['epp_added_p50_ms_per_round']}) | throughput ratio {s['throughput_ratio']:.3f} (rounds {s['throughput_ratio_per_round']})")
+        line = f"c={s['concurrency']:<3d} medians of {s['rounds']} rounds: " + " | ".join(
+            f"{p} {s[p]['req_per_s']:.1f} req/s p50 {s[p]['p50_ms']:.2f} ms" for p in PATHS if p in s)
+        print(line)
+        for name in ("floor", "epp"):
+            if f"{name}_added_p50_ms" in s:
+                print(f"      {name.upper():5s} adds {s[f'{name}_added_p50_ms']:.2f} ms p50 (rounds {s[f'{name}_added_p50_ms_per_round']}), "
+                      f"throughput ratio {s[f'{name}_throughput_ratio']:.3f} (rounds {s[f'{name}_throughput_ratio_per_round']})")
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

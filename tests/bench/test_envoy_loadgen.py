@@ -12,12 +12,13 @@ def test_envoy_loadgen_measures_both_paths_and_writes_json_and_png(tmp_path):
            "--warmup", "0.2", "--endpoints", "2", "--workdir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "out")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "EPP adds" in r.stdout and "throughput ratio" in r.stdout
+    assert "EPP   adds" in r.stdout and "FLOOR adds" in r.stdout and "throughput ratio" in r.stdout
     result = json.loads((tmp_path / "out" / "envoy-loadgen.json").read_text())
     assert (tmp_path / "out" / "envoy-loadgen.png").stat().st_size > 10_000
     assert [s["concurrency"] for s in result["summary"]] == [1, 4]
     for row in result["rounds"]:
         assert row["requests"] > 0 and row["errors"] == 0, row
+    assert {row["path"] for row in result["rounds"]} == {"direct", "envoy+epp", "envoy+floor"}
     through_epp = sum(row["requests"] for row in result["rounds"] if row["path"] == "envoy+epp")
     assert result["epp_scheduled_requests"] >= through_epp, "every request on the EPP path was scheduled by the EPP"
     # Both paths answered from the same upstream listeners; the direct path never reached the EPP.
@@ -35,5 +36,5 @@ def test_summary_pairs_rounds_and_takes_medians():
     (s,) = summarize(rounds)
     assert s["rounds"] == 3
     assert s["epp_added_p50_ms_per_round"] == [2.0, 0.8, 4.0] and s["epp_added_p50_ms"] == 2.0
-    assert s["throughput_ratio_per_round"] == [0.3, 0.5, 0.2] and s["throughput_ratio"] == 0.3
+    assert s["epp_throughput_ratio_per_round"] == [0.3, 0.5, 0.2] and s["epp_throughput_ratio"] == 0.3
     assert s["direct"]["req_per_s"] == 1000 and s["envoy+epp"]["p50_ms"] == 3.0

@@ -1,4 +1,4 @@
-"""The local stack end to end: real processes, requests through the development gateway, clean shutdown."""
+"""The local stack end to end: real processes, requests through real Envoy, clean shutdown."""
 
 import json
 import re
@@ -47,6 +47,9 @@ def test_completions_and_chat_through_the_gateway(stack):
     assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 6
     r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert r.headers["server"] == "envoy"
+    access = [json.loads(line) for line in (stack.logs / "envoy.log").read_text().splitlines() if line.startswith("{")]
+    assert len(access) >= 10 and {a["upstream"] for a in access} == {f"127.0.0.1:{p.port}" for p in stack.proxies}
 
 
 def test_errors_come_back_as_the_epp_sends_them(stack):
