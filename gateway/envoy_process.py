@@ -37,8 +37,10 @@ def start_envoy(procs: ProcessGroup, settings: EnvoySettings, config_path: Path,
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(render_yaml(settings) if config is None else yaml.safe_dump(config, sort_keys=False))
     # --disable-hot-restart: several Envoys on one machine (tests, helpers) must not share the hot-restart socket.
+    # --file-flush-interval-msec: the access log reaches the file within 0.2 s (Envoy's default: 10 s).
     return procs.start(name, ["gateway.envoy_binary", "-c", str(config_path), "--log-level", log_level,
-                              "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v", *extra_args])
+                              "--disable-hot-restart", "--file-flush-interval-msec", "200",
+                              "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v", *extra_args])
 
 
 def wait_envoy_ready(child: Child, admin_port: int, timeout: float = 30.0, epp_replicas: int = 1) -> None:

@@ -2,7 +2,8 @@
 
 `python -m tests.gateway.echo_upstream --port P --name N`. Every answer names the server and
 echoes the method, path, body length and headers it saw, so a test can tell where Envoy sent a
-request and what reached it; `{"stream": true, "events": n, "gap": s}` streams n SSE events s apart.
+request and what reached it; `{"stream": true, "events": n, "gap": s}` streams n SSE events s apart; `GET /_answered` counts the
+requests it answered (a server outside the pool must stay at 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from aiohttp import web
 
 
 def app(name: str, port: int) -> web.Application:
+    answered = {"requests": 0}
+
     async def answer(request: web.Request) -> web.StreamResponse:
+        answered["requests"] += 1
         raw = await request.read()
         seen = {"from": name, "port": port, "method": request.method, "path": request.path, "len": len(raw),
                 "headers": {k.lower(): v for k, v in request.headers.items()}}
@@ -36,6 +40,7 @@ def app(name: str, port: int) -> web.Application:
 
     a = web.Application(client_max_size=256 * 1024 * 1024)
     a.router.add_get("/health", lambda r: web.Response(text="ok"))
+    a.router.add_get("/_answered", lambda r: web.json_response(answered))  # asked directly, never through Envoy
     a.router.add_route("*", "/{tail:.*}", answer)
     return a
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,8 +47,10 @@ def test_make_run_serves_the_readme_curl_through_envoy_and_stops_cleanly(tmp_pat
             answer = httpx.post(f"http://127.0.0.1:{gw}/v1/chat/completions", timeout=60, json={
                 "model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}).text
         assert json.loads(answer)["usage"]["completion_tokens"] == 8
-        access = [json.loads(line) for line in (tmp_path / "stack" / "logs" / "envoy.log").read_text().splitlines() if line.startswith("{")]
-        assert access[-1]["path"] == "/v1/chat/completions" and access[-1]["status"] == 200 and access[-1]["details"] == "via_upstream"
+        envoy_log = tmp_path / "stack" / "logs" / "envoy.log"
+        assert wait_until(lambda: '"details":"via_upstream"' in envoy_log.read_text(), timeout=10)
+        (access,) = [json.loads(line) for line in envoy_log.read_text().splitlines() if line.startswith("{")]
+        assert (access["path"], access["status"], access["method"]) == ("/v1/chat/completions", 200, "POST")
         time.sleep(1.5)  # a liveness check of the supervisor has run
         assert proc.poll() is None, (tmp_path / "up.log").read_text()
     finally:
