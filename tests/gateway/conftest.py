@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.envoy_config import EnvoySettings
+from gateway.envoy_config import EnvoySettings, render
 from gateway.envoy_process import start_envoy, wait_envoy_ready
 from local_stack.processes import Child, ProcessGroup
 from tests.conftest import free_port
@@ -58,6 +58,14 @@ class Envoy:
         return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
 
 
+def deep_update(into: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_update(into[k], v)
+        else:
+            into[k] = v
+
+
 class Rig:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -84,11 +92,17 @@ class Rig:
         self.procs.wait_http(child, f"http://127.0.0.1:{m}/metrics", timeout=60)
         return Epp(child, g, h, m)
 
-    def envoy(self, name: str, epp_ports: list[int], wait_for_epps: int | None = None, **overrides) -> Envoy:
+    def envoy(self, name: str, epp_ports: list[int], wait_for_epps: int | None = None, ext_proc_extra: dict | None = None,
+              **overrides) -> Envoy:
+        """An Envoy from the shared template; `ext_proc_extra` adds fields to its ext_proc filter (a variant the template does not ship)."""
         port, admin = free_port(), free_port()
         settings = EnvoySettings.local(port, admin, epp_ports, max_request_body_bytes=MAX_BODY, **overrides)
+        config = render(settings)
+        if ext_proc_extra:
+            hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            deep_update(hcm["http_filters"][0]["typed_config"], ext_proc_extra)
         path = self.workdir / f"{name}.yaml"
-        child = start_envoy(self.procs, settings, path, name=name)
+        child = start_envoy(self.procs, settings, path, name=name, config=config)
         wait_envoy_ready(child, admin, epp_replicas=len(epp_ports) if wait_for_epps is None else wait_for_epps)
         return Envoy(child, port, admin, settings, path)
 

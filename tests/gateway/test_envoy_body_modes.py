@@ -28,6 +28,8 @@ def gw(rig):
     epp = rig.epp()
     envoys = {mode: rig.envoy(f"envoy-{mode.lower()}", [epp.grpc], body_mode=mode) for mode in ("FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED")}
     envoys["metadata-only"] = rig.envoy("envoy-metadata-only", [epp.grpc], route_on=("metadata",))
+    envoys["STREAMED-no-wait"] = rig.envoy("envoy-streamed-no-wait", [epp.grpc], body_mode="STREAMED",
+                                           ext_proc_extra={"send_body_without_waiting_for_header_response": True})
     return SimpleNamespace(rig=rig, epp=epp, envoys=envoys, canary=canary, pool={f"127.0.0.1:{p}" for p in rig.upstreams.values()})
 
 
@@ -101,17 +103,24 @@ def test_late_body_with_forged_routing_headers_goes_where_the_epp_picked(gw, mod
     assert canary_hits(gw) == 0
 
 
-def test_streamed_mode_is_refused_before_anything_is_routed(gw):
-    """STREAMED: Envoy routes at the headers reply, before the body; the EPP refuses at the first message."""
-    url = gw.envoys["STREAMED"].url
-    for content in (late(b'{"model": "m", "prompt": "forged and late"}'), b'{"model": "m", "prompt": "small"}'):
+@pytest.mark.parametrize("variant", ["STREAMED", "STREAMED-no-wait"])
+def test_streamed_mode_is_refused_before_anything_is_routed(gw, variant):
+    """STREAMED: Envoy routes at the headers reply, before the body; the EPP refuses at the first message.
+
+    `-no-wait` adds send_body_without_waiting_for_header_response, where a body above Envoy's buffer used to stall.
+    """
+    url = gw.envoys[variant].url
+    bodies = (late(b'{"model": "m", "prompt": "forged and late"}'), b'{"model": "m", "prompt": "small"}',
+              b'{"model": "m", "prompt": "' + b"x" * (MAX_BODY - 1024) + b'"}')
+    for content in bodies:
+        t0 = time.monotonic()
         r = httpx.post(url + "/v1/completions", content=content, headers=forged_headers(gw, uuid.uuid4().hex), timeout=30)
-        assert r.status_code == 500
+        assert r.status_code == 500 and time.monotonic() - t0 < 10
         assert r.text.startswith("inference error: Internal - the gateway sends the request body in ext_proc mode STREAMED")
         assert "configure request_body_mode FULL_DUPLEX_STREAMED" in r.text
     assert canary_hits(gw) == 0
-    refused = lambda: [e for e in gw.envoys["STREAMED"].access_log() if e["status"] == 500]  # noqa: E731
-    assert wait_until(lambda: len(refused()) == 2, timeout=10)
+    refused = lambda: [e for e in gw.envoys[variant].access_log() if e["status"] == 500]  # noqa: E731
+    assert wait_until(lambda: len(refused()) == len(bodies), timeout=10)
     assert {e["details"] for e in refused()} == {"inference_epp_Internal"} and {e["upstream"] for e in refused()} == {None}
     r = httpx.get(url + "/v1/models", timeout=30)  # headers-only requests route at the headers reply, as in GIE
     assert r.status_code == 200 and r.headers[SERVED_HEADER] in gw.pool
