@@ -8,6 +8,7 @@ Regenerate the checked-in file with `epp-gateway config --target kubernetes > de
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,6 +70,8 @@ class EnvoySettings:
             raise ValueError("at least one EPP address (host:port) is needed")
         if not set(self.route_on) or not set(self.route_on) <= {"metadata", "header"}:
             raise ValueError("route_on: choose `metadata`, `header` or both")
+        for address in self.epp:
+            _hostport(address)
 
 
 def _duration(seconds: float) -> str:
@@ -83,8 +86,6 @@ def _hostport(address: str) -> tuple[str, int]:
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
         return True

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from epp.cli import serve_parser
+from gateway.cli import main as epp_gateway
 from gateway.envoy_binary import validate
 from gateway.envoy_config import BODY_MODES, DEFAULT_MAX_BODY, HEADER, EnvoySettings, render_yaml
 
@@ -112,3 +113,15 @@ def test_kustomize_gateway_ships_the_same_config(tmp_path):
     path = tmp_path / "from-configmap.yaml"
     path.write_text(cm["data"]["envoy.yaml"])
     assert "OK" in validate(path)
+
+
+def test_epp_gateway_config_renders_and_errors_say_what_to_do(capsys):
+    assert epp_gateway(["config", "--target", "local", "--epp", "127.0.0.1:9002", "--epp", "127.0.0.1:9012", "--body-mode", "BUFFERED"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    (epp,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "inference-epp"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in epp["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [9002, 9012]
+    assert "transport_socket" not in epp  # local: the EPP in plaintext
+    assert epp_gateway(["config", "--epp", "no-port-here"]) == 2
+    assert "EPP address 'no-port-here': expected host:port" in capsys.readouterr().err
+    assert epp_gateway(["validate", "/nonexistent/envoy.yaml"]) == 1
+    assert "envoy rejects /nonexistent/envoy.yaml" in capsys.readouterr().err
