@@ -8,10 +8,12 @@ One Envoy process, configured from the shared template (gateway/envoy_config.py)
                flow and no logic (extproc_loadgen.baseline_server): what grpc-python alone adds
     upstream → N listeners that answer an OpenAI-style JSON at once (direct_response): the fastest model server possible
 
-For each concurrency level, each round measures both paths with the same client (aiohttp, keep-alive,
-C requests in flight), alternating which goes first. Printed and written (JSON, PNG): req/s, latency
-p50/p90/p99, errors, CPU per request of Envoy and of the EPP; per round the EPP-added latency
-(p50 through the EPP minus p50 direct) and the throughput ratio (EPP path / direct); medians over rounds.
+Each round at concurrency 1 sends one request at a time, cycling through the paths, so a load spike
+on the machine hits them alike; the EPP-added latency is the median over cycles of (EPP path − direct).
+At higher concurrency each round measures the paths one after another with the same client (aiohttp,
+keep-alive, C requests in flight), rotating which goes first; the throughput ratio is EPP path / direct.
+Printed and written (JSON, PNG): req/s, latency p50/p90/p99, errors, CPU per request of Envoy and of the
+ext_proc server, per round and as medians over rounds.
 """
 
 from __future__ import annotations
@@ -148,6 +150,68 @@ def measure(path: str, url: str, body: bytes, concurrency: int, warmup: float, d
     }
 
 
+async def _drive_interleaved(urls: dict[str, str], body: bytes, warmup: float, duration: float, on_edge) -> dict:
+    """One request at a time, cycling through the paths: each cycle's requests meet the same machine load."""
+    import aiohttp
+
+    paths = list(urls)
+    cycles: list[dict[str, float]] = []
+    errors = dict.fromkeys(paths, 0)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def one(url: str) -> float | None:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    return time.perf_counter() - t0 if r.status == 200 else None
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return None
+
+        end = time.perf_counter() + warmup
+        while time.perf_counter() < end:
+            for path in paths:
+                await one(urls[path])
+        before = on_edge()
+        t_start = time.perf_counter()
+        end = t_start + duration
+        while time.perf_counter() < end:
+            cycle = {}
+            for path in paths[len(cycles) % len(paths):] + paths[:len(cycles) % len(paths)]:  # rotate who goes first
+                t = await one(urls[path])
+                if t is None:
+                    errors[path] += 1
+                else:
+                    cycle[path] = t
+            cycles.append(cycle)
+        elapsed = time.perf_counter() - t_start
+        after = on_edge()
+    return {"cycles": cycles, "errors": errors, "elapsed": elapsed, "before": before, "after": after}
+
+
+def measure_interleaved(urls: dict[str, str], body: bytes, warmup: float, duration: float, pids: dict[str, int | None]) -> list[dict]:
+    """Concurrency 1 with the paths interleaved request by request; per ext_proc path also the median paired difference."""
+    edge = lambda: {p: cpu_seconds(pid) for p, pid in pids.items() if pid}  # noqa: E731
+    r = asyncio.run(_drive_interleaved(urls, body, warmup, duration, edge))
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    out = []
+    for path in urls:
+        lat = [c[path] for c in r["cycles"] if path in c]
+        n = len(lat)
+        row = {
+            "path": path, "concurrency": 1, "interleaved": True, "requests": n, "errors": r["errors"][path],
+            "req_per_s": round(n / sum(lat), 1) if n else 0.0,  # one at a time on this path alone: 1 / mean latency
+            "latency_ms": {"p50": ms(_pct(lat, 50)), "p90": ms(_pct(lat, 90)), "p99": ms(_pct(lat, 99))},
+            "envoy_cpu_us_per_request": None,  # Envoy serves every path in the same window
+            "extproc_cpu_us_per_request": round((r["after"][path] - r["before"][path]) / n * 1e6, 1) if pids.get(path) and n else None,
+        }
+        if path != "direct":
+            diffs = [c[path] - c["direct"] for c in r["cycles"] if path in c and "direct" in c]
+            row["paired_added_ms"] = {"p50": ms(_pct(diffs, 50)), "p90": ms(_pct(diffs, 90)), "pairs": len(diffs)}
+        out.append(row)
+    return out
+
+
 def summarize(rounds: list[dict]) -> list[dict]:
     """Per concurrency: medians over rounds of each path's figures; per ext_proc path the added p50 and the throughput ratio."""
     out = []
@@ -165,7 +229,9 @@ def summarize(rounds: list[dict]) -> list[dict]:
                 continue
             pairs = [(d, e) for d in at for e in rows if d["path"] == "direct" and d["round"] == e["round"]]
             name = path.split("+")[1]  # epp | floor
-            added = [round(e["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3) for d, e in pairs]
+            # Interleaved rounds (c=1): the median of per-cycle differences; otherwise the difference of the p50s.
+            added = [e["paired_added_ms"]["p50"] if "paired_added_ms" in e else round(e["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3)
+                     for d, e in pairs]
             ratio = [round(e["req_per_s"] / d["req_per_s"], 4) if d["req_per_s"] else 0.0 for d, e in pairs]
             row["rounds"] = len(pairs)
             row[f"{name}_added_p50_ms"] = round(statistics.median(added), 3) if added else None
@@ -247,14 +313,15 @@ def run(args: argparse.Namespace) -> dict:
               f"measurement, {args.repeat} rounds; logs {workdir}/logs", flush=True)
         for c in args.concurrency:
             for i in range(args.repeat):
-                for path in paths[i % len(paths):] + paths[:i % len(paths)]:  # rotate which path goes first
-                    r = measure(path, urls[path], body, c, args.warmup, args.duration, envoy.proc.pid, pids[path])
+                if c == 1:  # latency: the paths interleaved request by request, so load spikes hit them alike
+                    results = measure_interleaved({p: urls[p] for p in paths}, body, args.warmup, args.duration, pids)
+                else:  # throughput: one path at a time, rotating which goes first
+                    results = [measure(path, urls[path], body, c, args.warmup, args.duration, envoy.proc.pid, pids[path])
+                               for path in paths[i % len(paths):] + paths[:i % len(paths)]]
+                for r in results:
                     r["round"] = i
                     rounds.append(r)
-                    print(f"  c={c:<3d} round {i + 1}/{args.repeat} {path:11s} {r['req_per_s']:8.1f} req/s  p50 {r['latency_ms']['p50']:7.2f} ms  "
-                          f"p99 {r['latency_ms']['p99']:7.2f} ms  envoy {r['envoy_cpu_us_per_request']} µs CPU/req"
-                          + (f"  ext_proc {r['extproc_cpu_us_per_request']} µs CPU/req" if r["extproc_cpu_us_per_request"] is not None else "")
-                          + f"  errors {r['errors']}", flush=True)
+                    _print_round(r, args.repeat)
         scheduled = scrape(metrics)["inference_extension_scheduler_e2e_duration_seconds_count"]
     finally:
         procs.stop()
@@ -262,6 +329,14 @@ def run(args: argparse.Namespace) -> dict:
             "setup": {"endpoints": args.endpoints, "profile": args.profile, "envoy_workers": args.envoy_workers, "body_bytes": len(body),
                       "duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat, "cpus": os.cpu_count(),
                       "load_average_at_end": os.getloadavg()}}
+
+
+def _print_round(r: dict, repeat: int) -> None:
+    cpu = "".join(f"  {who} {r[key]} µs CPU/req" for who, key in (("envoy", "envoy_cpu_us_per_request"), ("ext_proc", "extproc_cpu_us_per_request"))
+                  if r[key] is not None)
+    paired = f"  paired +{r['paired_added_ms']['p50']:.2f} ms" if "paired_added_ms" in r else ""
+    print(f"  c={r['concurrency']:<3d} round {r['round'] + 1}/{repeat} {r['path']:11s} {r['req_per_s']:8.1f} req/s  "
+          f"p50 {r['latency_ms']['p50']:7.2f} ms  p99 {r['latency_ms']['p99']:7.2f} ms{paired}{cpu}  errors {r['errors']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
