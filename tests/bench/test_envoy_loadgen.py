@@ -38,3 +38,15 @@ def test_summary_pairs_rounds_and_takes_medians():
     assert s["epp_added_p50_ms_per_round"] == [2.0, 0.8, 4.0] and s["epp_added_p50_ms"] == 2.0
     assert s["epp_throughput_ratio_per_round"] == [0.3, 0.5, 0.2] and s["epp_throughput_ratio"] == 0.3
     assert s["direct"]["req_per_s"] == 1000 and s["envoy+epp"]["p50_ms"] == 3.0
+
+
+def test_interleaved_rounds_use_the_paired_difference():
+    def row(path, rnd, p50, paired=None):
+        r = {"path": path, "concurrency": 1, "round": rnd, "req_per_s": 1000 / p50, "errors": 0, "latency_ms": {"p50": p50, "p99": p50 * 3}}
+        if paired is not None:
+            r["paired_added_ms"] = {"p50": paired, "p90": paired * 2, "pairs": 100}
+        return r
+
+    (s,) = summarize([row("direct", 0, 1.0), row("envoy+epp", 0, 2.5, paired=1.4), row("direct", 1, 1.1), row("envoy+epp", 1, 2.0, paired=0.8)])
+    assert s["epp_added_p50_ms_per_round"] == [1.4, 0.8]  # not 1.5 and 0.9: the p50 of differences, cycle by cycle
+    assert s["epp_added_p50_ms"] == 1.1
