@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from epp.util.progress import progress
 
 from bandwidth_profiler.profiler import ProfileSettings, block_counts, run_profile
 from kv_transfer import KVShape, LinkModel
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     counts = block_counts(args.min_blocks, args.max_blocks, args.num_points)
     profiles = []
-    with tqdm(total=len(counts) * len(backends), unit="point", desc="profiling", disable=args.no_progress) as bar:
+    with progress(len(counts) * len(backends), unit="point", desc="profiling", disable=args.no_progress) as bar:
         for backend in backends:
             gbps = args.nccl_link_gbps if backend == "nccl" else args.fs_link_gbps
             lat = args.nccl_link_latency_ms if backend == "nccl" else args.fs_link_latency_ms

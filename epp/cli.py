@@ -61,6 +61,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="serve ext_proc over TLS (self-signed unless --cert-path)")
     g.add_argument("--cert-path", default=None, help="directory holding tls.crt and tls.key for --secure-serving")
     g.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity: 2 info, 3+ debug")
+    _add_access_and_limit_flags(p)
     g = p.add_argument_group("endpoints")
     g.add_argument("--endpoints-file", default=None, help="static endpoints YAML (reloaded on change); the local default")
     g.add_argument("--pool-name", default="", help="InferencePool to discover endpoints from (Kubernetes)")
@@ -88,10 +89,44 @@ def serve_parser() -> argparse.ArgumentParser:
                           ("--model-server-metrics-path", "/metrics"), ("--model-server-metrics-port", "0"),
                           ("--refresh-prometheus-metrics-interval", "5s")):
         g.add_argument(flag, default=default, help=f"(compatibility) default {default}")
-    for flag, default in (("--tracing", False), ("--health-checking", False), ("--enable-pprof", False), ("--metrics-endpoint-auth", False),
+    for flag, default in (("--tracing", False), ("--health-checking", False), ("--enable-pprof", False),
                           ("--ha-enable-leader-election", False), ("--enable-cert-reload", False), ("--zap-devel", False)):
         g.add_argument(flag, type=go_bool, nargs="?", const=True, default=default, help="(compatibility) Go-style boolean")
     return p
+
+
+def _auto_or_bool(value: str):
+    return "auto" if value.strip().lower() == "auto" else go_bool(value)
+
+
+def _add_access_and_limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--metrics-endpoint-auth", type=_auto_or_bool, nargs="?", const=True, default="auto",
+                   help="require a Kubernetes bearer token allowed to `get /metrics` (TokenReview + SubjectAccessReview), "
+                        "as the Go EPP does; auto = on with --pool-name, off with --endpoints-file")
+    g.add_argument("--admin-socket", default="auto",
+                   help="Unix socket of the EndpointPickerAdmin API (`epp endpoints`), readable by this user only; "
+                        "auto = $TMPDIR/epp-admin-<grpc-port>.sock; empty string: not served")
+    g.add_argument("--max-buffered-body-bytes", type=int, default=256 * 1024 * 1024,
+                   help="request bytes all streams may hold at once; beyond it requests get 429 (0 = unbounded)")
+    g.add_argument("--trust-model-rewrite-header", type=go_bool, nargs="?", const=True, default=False,
+                   help="honour x-gateway-model-name-rewrite / x-llm-d-model-name-rewrite (only when a gateway filter "
+                        "in front of ext_proc sets it and strips the client's); it is always removed upstream")
+    g.add_argument("--model-name-metric-label-limit", type=int, default=16,
+                   help="distinct model names kept as metric labels; later names are reported as `other`")
+    g.add_argument("--fairness-id-metric-label-limit", type=int, default=16,
+                   help="distinct fairness ids kept as metric labels; later ids are reported as `other` (0: always `other`)")
+
+
+def _access_and_limit_options(args: argparse.Namespace) -> dict:
+    return dict(
+        metrics_endpoint_auth=None if args.metrics_endpoint_auth == "auto" else args.metrics_endpoint_auth,
+        admin_socket=None if args.admin_socket == "auto" else args.admin_socket,
+        max_buffered_body_bytes=args.max_buffered_body_bytes,
+        trust_model_rewrite_header=args.trust_model_rewrite_header,
+        model_name_metric_label_limit=args.model_name_metric_label_limit,
+        fairness_id_metric_label_limit=args.fairness_id_metric_label_limit,
+    )
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -116,6 +151,7 @@ async def _serve(args: argparse.Namespace) -> int:
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
+        **_access_and_limit_options(args),
     )
     server = EPPServer(options)
     await server.start()
@@ -148,8 +184,14 @@ def endpoints_main(argv: Sequence[str]) -> int:
     from epp.admin.v1 import admin_pb2, admin_pb2_grpc
 
     p = argparse.ArgumentParser(prog="epp endpoints", description=endpoints_main.__doc__)
-    p.add_argument("--address", default="127.0.0.1:9003", help="the EPP's gRPC health (or ext_proc, plaintext) address (default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="the EPP's admin socket as a gRPC target (default: unix:$TMPDIR/epp-admin-<grpc-port>.sock)")
+    p.add_argument("--grpc-port", type=int, default=9002, help="the EPP's --grpc-port, to find its default admin socket (default: %(default)s)")
     args = p.parse_args(list(argv))
+    if args.address is None:
+        from epp.server import default_admin_socket
+
+        args.address = "unix:" + default_admin_socket(args.grpc_port)
     try:
         with grpc.insecure_channel(args.address) as ch:
             stub = admin_pb2_grpc.EndpointPickerAdminStub(ch)
@@ -183,7 +225,7 @@ USAGE = """usage: epp [serve] [flags]          run the endpoint picker (see `epp
        epp profiles show NAME         print a profile's YAML
        epp profiles validate FILE     check an EndpointPickerConfig (file:line errors)
        epp decisions [FILE|-]         summarise `Scoring decision` logs
-       epp endpoints [--address A]    what a running EPP knows about its endpoints (admin API)
+       epp endpoints [--grpc-port P]  what a running EPP knows about its endpoints (admin API, local socket)
 """
 
 

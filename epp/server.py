@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import datetime
 import gc
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,6 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.admin.service import AdminService
 from epp.admin.service import add_to_server as add_admin
@@ -23,12 +23,16 @@ from epp.config import build, resolve_config
 from epp.datastore import Datastore
 from epp.discovery.static_file import StaticFileDiscovery
 from epp.extproc.director import Director
-from epp.extproc.service import DEFAULT_MAX_BODY, ExternalProcessor
-from epp.observability.logging import get_logger
-from epp.observability.metrics import EPPMetrics
+from epp.extproc.service import DEFAULT_BODY_BUDGET, DEFAULT_MAX_BODY, ExternalProcessor
+from epp.health_server import MirroredHealth, ThreadedHealthServer
+from epp.observability.logging import forward_stdlib_logger, get_logger
+from epp.observability.metrics import DEFAULT_FAIRNESS_LABEL_LIMIT, DEFAULT_MODEL_LABEL_LIMIT, EPPMetrics
+from epp.observability.metrics_server import MetricsEndpoint
 from epp.scheduling.registry import PluginContext
+from epp.util import memory
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+TRIM_AFTER_CHURN_BYTES = 16 * 1024 * 1024
 log = get_logger("epp.server")
 
 
@@ -48,6 +52,12 @@ class ServerOptions:
     secure_serving: bool = True
     cert_path: str | None = None
     max_request_body_bytes: int = DEFAULT_MAX_BODY
+    max_buffered_body_bytes: int = DEFAULT_BODY_BUDGET  # all streams together; 0 = unbounded
+    trust_model_rewrite_header: bool = False
+    model_name_metric_label_limit: int = DEFAULT_MODEL_LABEL_LIMIT
+    metrics_endpoint_auth: bool | None = None  # None: on with Kubernetes discovery (--pool-name), off otherwise
+    admin_socket: str | None = None  # EndpointPickerAdmin's Unix socket; None: the default path, "": not served
+    fairness_id_metric_label_limit: int = DEFAULT_FAIRNESS_LABEL_LIMIT
     request_timeout: float = 600.0
     disable_endpoint_subset_filter: bool = False
     refresh_metrics_interval: float = 0.05
@@ -58,7 +68,8 @@ class EPPServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = o = options
         self.datastore = Datastore()
-        self.metrics = EPPMetrics(pool_name=o.pool_name or "local")
+        self.metrics = EPPMetrics(pool_name=o.pool_name or "local", model_label_limit=o.model_name_metric_label_limit,
+                                  fairness_label_limit=o.fairness_id_metric_label_limit)
         self.loaded = resolve_config(o.config_file, o.config_text, o.config_profile)
         ctx = PluginContext(datastore=self.datastore, services={"metrics_staleness": o.metrics_staleness_threshold})
         self.built = build(self.loaded, ctx, observer=self.metrics.observe_plugin)
@@ -71,12 +82,16 @@ class EPPServer:
             request_timeout=o.request_timeout,
             disable_subset_filter=o.disable_endpoint_subset_filter,
         )
-        self.processor = ExternalProcessor(self.director, o.max_request_body_bytes)
+        self.processor = ExternalProcessor(self.director, o.max_request_body_bytes, o.max_buffered_body_bytes,
+                                           o.trust_model_rewrite_header)
         self.admin = AdminService(self.datastore, self.loaded, self.scheduler)
-        self.health = health_aio.HealthServicer()
+        self.health = MirroredHealth()
         self._grpc: grpc.aio.Server | None = None
-        self._health_grpc: grpc.aio.Server | None = None
+        self._health_grpc: ThreadedHealthServer | None = None
+        self._admin_grpc: grpc.aio.Server | None = None
+        self.admin_socket = ""
         self._metrics_runner: web.AppRunner | None = None
+        self.metrics_authorizer: Any = None
         self._tasks: list[asyncio.Task] = []
         self.discovery: Any = None
         self.scraper: Any = None
@@ -85,20 +100,21 @@ class EPPServer:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.options
+        memory.tune_allocator()
+        forward_stdlib_logger("grpc")  # errors gRPC itself logs (a servicer exception) reach the JSON log
         creds = self._credentials() if o.secure_serving else None
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.http2.max_pings_without_data", 0)]
         self._grpc = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        add_admin(self.admin, self._grpc)
         self.ports["grpc"] = self._bind(self._grpc, o.grpc_port, creds)
-        self._health_grpc = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
-        add_admin(self.admin, self._health_grpc)
+        self._health_grpc = ThreadedHealthServer(self.health)  # probes are answered even when the loop is busy
         self.ports["health"] = self._bind(self._health_grpc, o.grpc_health_port, None)
+        self.metrics_authorizer = await self._metrics_authorizer()
         await self._set_health(False)
         await self._grpc.start()
         await self._health_grpc.start()
+        await self._start_admin()
         self.ports["metrics"] = await self._start_metrics(o.metrics_port)
         await self._start_discovery()
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="epp-housekeeping"))
@@ -115,6 +131,8 @@ class EPPServer:
             config=self.loaded.source,
             profile=self.loaded.profile,
             secure_serving=o.secure_serving,
+            metrics_auth=self.metrics_authorizer is not None,
+            admin_socket=self.admin_socket or None,
             scheduler=self.scheduler.describe(),
         )
 
@@ -131,8 +149,14 @@ class EPPServer:
             await self._grpc.stop(grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
+        if self._admin_grpc is not None:
+            await self._admin_grpc.stop(0)
+            with contextlib.suppress(OSError):
+                os.unlink(self.admin_socket)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self.metrics_authorizer is not None:
+            await self.metrics_authorizer.close()
         log.info("EPP stopped")
 
     async def wait_for_termination(self) -> None:
@@ -140,7 +164,7 @@ class EPPServer:
         await self._grpc.wait_for_termination()
 
     # -- parts ----------------------------------------------------------------------------------
-    def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
+    def _bind(self, server: Any, port: int, creds: grpc.ServerCredentials | None) -> int:
         addr = f"{self.options.bind_address}:{port}"
         bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
         if not bound:
@@ -158,16 +182,56 @@ class EPPServer:
         key_pem, cert_pem = self_signed_certificate()
         return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
+    async def _start_admin(self) -> None:
+        """EndpointPickerAdmin (endpoints, labels, config) on a Unix socket only the EPP's user can open.
+
+        It is not on the ext_proc or health ports: those are reachable from the network (Envoy,
+        kubelet probes), and what the admin API shows is for operators (`kubectl exec … epp endpoints`).
+        """
+        path = self.options.admin_socket
+        if path is None:
+            path = default_admin_socket(self.ports["grpc"])
+        if not path:
+            return
+        server = grpc.aio.server()
+        add_admin(self.admin, server)
+        old_umask = os.umask(0o177)  # the socket file is created 0600
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a socket left by a process that died
+            server.add_insecure_port(f"unix:{path}")
+        except (OSError, RuntimeError) as e:
+            # Introspection is optional: serving traffic matters more than the admin socket.
+            log.error("Admin API not served: cannot create its socket; give a writable path with --admin-socket",
+                      path=path, error=str(e))
+            return
+        finally:
+            os.umask(old_umask)
+        await server.start()
+        self._admin_grpc, self.admin_socket = server, path
+
+    async def _metrics_authorizer(self):
+        o = self.options
+        wanted = o.metrics_endpoint_auth if o.metrics_endpoint_auth is not None else bool(o.pool_name and not o.endpoints_file)
+        if not wanted:
+            return None
+        from epp.discovery.kubernetes import InferencePoolDiscovery
+        from epp.observability.metrics_auth import KubernetesAuthorizer
+
+        try:
+            creds = await InferencePoolDiscovery(self.datastore, o.pool_name, o.pool_namespace, kubeconfig=o.kubeconfig)._credentials()
+        except Exception as e:  # no kubeconfig, not in a cluster
+            raise ValueError(
+                f"--metrics-endpoint-auth needs the Kubernetes API to review scrapers' tokens, and none is reachable ({e}); "
+                "run in a cluster or give --kubeconfig, or pass --metrics-endpoint-auth=false"
+            ) from None
+        return KubernetesAuthorizer(creds)
+
     async def _start_metrics(self, port: int) -> int:
-        registry = self.metrics.registry
-
-        async def metrics(_request: web.Request) -> web.Response:
-            self.metrics.update_pool(self.datastore.endpoints())
-            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
+        self.metrics.watch_pool(self.datastore.endpoints)
+        self.metrics.watch_body_budget(self.processor.budget)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.render, self.metrics_authorizer)
+        self._metrics_runner = web.AppRunner(self.metrics_endpoint.app(), access_log=None)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, self.options.bind_address, port)
         await site.start()
@@ -213,7 +277,18 @@ class EPPServer:
                 await self._set_health(serving)
                 log.info("Health", serving=serving, endpoints=len(self.datastore))
             self.director.reap_expired()
+            budget = self.processor.budget
+            if budget.churn >= TRIM_AFTER_CHURN_BYTES:
+                # Large bodies came and went: gRPC's receive buffers and the bodies' pages are free but
+                # still mapped. Give them back (in a thread: malloc_trim runs without the GIL).
+                budget.churn = 0
+                await asyncio.to_thread(memory.trim)
             await asyncio.sleep(0.2 if not serving else 1.0)
+
+
+def default_admin_socket(grpc_port: int) -> str:
+    """Where `epp serve` puts the admin socket, and where `epp endpoints` looks for it."""
+    return os.path.join(tempfile.gettempdir(), f"epp-admin-{grpc_port}.sock")
 
 
 def self_signed_certificate() -> tuple[bytes, bytes]:
@@ -241,4 +316,4 @@ def self_signed_certificate() -> tuple[bytes, bytes]:
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-__all__ = ["EPPServer", "ServerOptions", "self_signed_certificate"]
+__all__ = ["EPPServer", "ServerOptions", "default_admin_socket", "self_signed_certificate"]

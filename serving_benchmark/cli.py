@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from epp.util.progress import progress
 
 from serving_benchmark.report import comparison_plot, comparison_table, summarize, write_run
 from serving_benchmark.runner import run_workload
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 scen = dist if dist == "burst" else f"{dist}@{qps:g}"
                 workload = build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed,
                                           args.dataset_path)
-                with tqdm(total=len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
+                with progress(len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
                     results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
                 summary = summarize(results, duration, backend_of, name_of)
                 name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"

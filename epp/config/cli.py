@@ -47,4 +47,4 @@ def profiles_main(argv: Sequence[str]) -> int:
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # as `epp serve` exits on a config error (docs/configuration.md)

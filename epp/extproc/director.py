@@ -43,7 +43,6 @@ class Director:
     disable_subset_filter: bool = False
     rng: random.Random = field(default_factory=random.Random)
     inflight: dict[int, InFlight] = field(default_factory=dict)
-    _selections: dict[str, Any] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger("epp.director"))
 
     # -- candidates -----------------------------------------------------------------------------
@@ -67,33 +66,33 @@ class Director:
     def schedule(self, request: LLMRequest, subset: Sequence[str] | None) -> InFlight:
         """Schedule, run PreRequest hooks, log the decision. Raises SchedulingError (logged, counted)."""
         m = self.metrics
-        series = m.model(request.model, request.target_model)
-        series.request_total.inc()
-        series.request_sizes.observe(request.body_size)
         t0 = time.perf_counter()
         try:
             result = self.scheduler.schedule(request, self.candidates(subset))
         except SchedulingError as e:
             m.scheduler_e2e.observe((), time.perf_counter() - t0)
+            series = m.series_for(request)  # a refused request never adds a label value
+            series.request_total.inc()
+            series.request_sizes.observe(request.body_size)
+            m.scheduler_attempt(request, None)
             self.fail(request, e)
             raise
         m.scheduler_e2e.observe((), time.perf_counter() - t0)
+        series = m.series_for(request, admit=True)
+        series.request_total.inc()
+        series.request_sizes.observe(request.body_size)
         self.scheduler.pre_request(request, result)
         flight = InFlight(request, result, time.monotonic())
         self.inflight[id(request)] = flight
         series.running.inc()
         primary = result.targets[0]
-        sel = self._selections.get(primary.hostport)
-        if sel is None:
-            sel = self._selections[primary.hostport] = m.selections.labels(primary.hostport, primary.kv_backend or "none")
-        sel.inc()
+        m.selection(primary.hostport, primary.kv_backend or "none").inc()
+        m.scheduler_attempt(request, primary)
         self.log.info(DECISION_MSG, **decision_fields(request, result, self.config_profile))
         return flight
 
     def fail(self, request: LLMRequest | None, error: SchedulingError) -> None:
-        model = request.model if request else ""
-        target = request.target_model if request else ""
-        self.metrics.model(model, target).error(error.code).inc()
+        self.metrics.series_for(request).error(error.code).inc()
         self.log.warning(FAILURE_MSG, **failure_fields(request, error, self.config_profile))
 
     # -- completion -----------------------------------------------------------------------------
@@ -104,7 +103,7 @@ class Director:
         flight.finished = True
         self.inflight.pop(id(flight.request), None)
         req = flight.request
-        series = self.metrics.model(req.model, req.target_model)
+        series = self.metrics.series_for(req)
         series.running.dec()
         if outcome == "success":
             elapsed = time.monotonic() - flight.started
@@ -120,7 +119,8 @@ class Director:
         if flight.result is not None:
             self.scheduler.response_complete(req, flight.result, outcome)
         if outcome != "success":
-            self.log.info("Request ended", request_id=req.request_id, outcome=outcome, status=flight.status or None)
+            status = flight.status if 100 <= flight.status <= 599 else None
+            self.log.info("Request ended", request_id=req.request_id, outcome=outcome, status=status)
 
     def reap_expired(self, now: float | None = None) -> int:
         """Release requests older than request_timeout (their stream never ended)."""

@@ -17,6 +17,10 @@ _APIS = (
     ("/v1/conversations", "conversations"),
 )
 PROMPT_TEXT_LIMIT = 16_384  # characters kept for prefix-aware plugins
+# Parsing runs on the event loop (orjson holds the GIL, so a thread would not help): its cost is
+# bounded by refusing bodies with more JSON containers or elements than any real prompt needs.
+MAX_CONTAINERS = 50_000  # objects + arrays (messages, content blocks, nested lists)
+MAX_ELEMENTS = 2_000_000  # separators: list items and object members (token-id prompts up to ~2M tokens; ~0.15 s to parse)
 
 
 def bad_request(message: str) -> SchedulingError:
@@ -89,14 +93,25 @@ def _text_or_tokens(prompt: Any, api: str) -> tuple[str, int]:
     if isinstance(prompt, str):
         return prompt, _estimate(prompt)
     if isinstance(prompt, list):
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        kinds = set(map(type, prompt))  # C-speed type check: token-id lists can be millions long
+        if kinds == {int}:
             return "", len(prompt)
-        if all(isinstance(t, str) for t in prompt):
+        if kinds == {str}:
             text = "\n".join(prompt)
             return text, sum(_estimate(t) for t in prompt)
-        if all(isinstance(t, list) and all(isinstance(x, int) for x in t) for t in prompt):
+        if kinds == {list} and all(set(map(type, t)) <= {int} for t in prompt):
             return "", sum(len(t) for t in prompt)
     raise bad_request(f"invalid {api} request: prompt must be a string, a list of strings or token ids")
+
+
+def _check_shape_limits(raw: bytes) -> None:
+    """A byte count of `{`, `[` and `,` bounds what parsing and walking the body can cost (C speed)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_CONTAINERS:
+        raise bad_request(f"request body has too many JSON objects and arrays ({containers} > {MAX_CONTAINERS})")
+    elements = raw.count(b",")
+    if elements > MAX_ELEMENTS:
+        raise bad_request(f"request body has too many JSON elements ({elements} > {MAX_ELEMENTS})")
 
 
 def _estimate(text: str) -> int:
@@ -112,6 +127,7 @@ def parse_request(
         raise bad_request(f"unsupported API path {path.split('?', 1)[0]!r}; expected an OpenAI path such as /v1/completions or /v1/chat/completions")
     if not raw:
         raise bad_request("error unmarshaling request bodyMap: empty request body")
+    _check_shape_limits(raw)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

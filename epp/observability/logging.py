@@ -64,3 +64,25 @@ def _add_component(component: str):
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name) if name else structlog.get_logger()
+
+
+class _ToStructlog(logging.Handler):
+    """Stdlib records (gRPC's own) as structlog events, so they reach the same JSON log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            getattr(log, record.levelname.lower(), log.error)(record.getMessage(), **fields)
+        except Exception:  # a logging failure must never break the caller
+            self.handleError(record)
+
+
+def forward_stdlib_logger(name: str, level: int = logging.WARNING) -> None:
+    """Send a library's stdlib logger (e.g. `grpc`, which has only a NullHandler) to our log, once."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog(level))
+        logger.setLevel(min(logger.level or level, level))

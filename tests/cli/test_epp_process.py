@@ -134,4 +134,4 @@ def test_profiles_cli(tmp_path):
     bad = tmp_path / "b.yaml"
     bad.write_text("plugins:\n- type: max-score-picker\nschedulingProfiles:\n- name: x\n  plugins:\n  - pluginRef: missing\n")
     r = run("validate", str(bad))
-    assert r.returncode == 1 and f"{bad}:6: schedulingProfiles[0].plugins[0].pluginRef" in r.stderr
+    assert r.returncode == 2 and f"{bad}:6: schedulingProfiles[0].plugins[0].pluginRef" in r.stderr

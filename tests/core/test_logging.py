@@ -26,3 +26,22 @@ def test_verbosity_3_enables_debug_and_binary_streams_work():
     get_logger().debug("detail", n=1)
     event = json.loads(out.getvalue().decode().strip())
     assert event["level"] == "debug" and event["n"] == 1
+
+
+def test_grpc_library_errors_reach_the_json_log():
+    import logging
+
+    from structlog.testing import capture_logs
+
+    from epp.observability.logging import forward_stdlib_logger
+
+    forward_stdlib_logger("grpc")
+    forward_stdlib_logger("grpc")  # idempotent
+    with capture_logs() as logs:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("grpc._cython.cygrpc").exception("Unexpected [ValueError] raised by servicer method")
+        logging.getLogger("grpc.aio").debug("noise")
+    assert [e["event"] for e in logs] == ["Unexpected [ValueError] raised by servicer method"]
+    assert logs[0]["log_level"] == "error" and logs[0]["logger"] == "grpc._cython.cygrpc" and logs[0]["exc_info"]

@@ -40,7 +40,8 @@ def test_every_profile_has_an_overlay():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_is_consistent(overlay):
     docs = render(overlay)
-    assert {d["metadata"].get("namespace") for d in docs} == {"llm-d"}
+    cluster_scoped = ("ClusterRole", "ClusterRoleBinding")
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] not in cluster_scoped} == {"llm-d"}
     # -- the EPP and its one-word profile
     (epp,) = find(docs, "Deployment", "inference-epp")
     c = epp["spec"]["template"]["spec"]["containers"][0]
@@ -71,6 +72,11 @@ def test_overlay_is_consistent(overlay):
     assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "inferencepools"}
     (binding,) = find(docs, "RoleBinding")
     assert binding["subjects"][0]["name"] == epp["spec"]["template"]["spec"]["serviceAccountName"]
+    # metrics auth (on with --pool-name): only creating token and access reviews, cluster-wide by nature
+    (auth,) = find(docs, "ClusterRole", "inference-epp-metrics-auth")
+    assert {(r["resources"][0], tuple(r["verbs"])) for r in auth["rules"]} == {("tokenreviews", ("create",)), ("subjectaccessreviews", ("create",))}
+    (auth_binding,) = find(docs, "ClusterRoleBinding", "inference-epp-metrics-auth")
+    assert auth_binding["subjects"][0] == {"kind": "ServiceAccount", "name": binding["subjects"][0]["name"], "namespace": "llm-d"}
     # -- the pool: its selector picks exactly the two proxies, on the port they serve
     (pool,) = find(docs, "InferencePool")
     assert pool["apiVersion"] == "inference.networking.k8s.io/v1"

@@ -113,7 +113,8 @@ async def test_streamed_mode_is_refused_at_the_first_message(epp, send_body_with
     assert r.immediate_response.status.code == 500
     assert r.immediate_response.body.decode().startswith("inference error: Internal - the gateway sends the request body in ext_proc mode STREAMED")
     assert "FULL_DUPLEX_STREAMED" in r.immediate_response.body.decode()
-    assert await s.call.read() is grpc.aio.EOF  # the stream ends; nothing routes the request
+    await s.call.done_writing()  # Envoy ends its side after an ImmediateResponse
+    assert await s.call.read() is grpc.aio.EOF  # nothing more: nothing routes the request
     assert epp.director.inflight == {}
     get = EnvoyStream(epp.stub, "STREAMED")  # a headers-only request routes at the headers reply, as in GIE
     assert (await get.send_request({":method": "GET", ":path": "/v1/models"}, None)).destination in ENDPOINTS
@@ -130,7 +131,8 @@ async def test_bodiless_inference_post_gets_a_clear_400(epp, mode):
     assert epp.director.inflight == {}
 
 
-async def test_model_rewrite_is_restored_in_response(epp):
+async def test_model_rewrite_is_restored_in_response(make_epp):
+    epp = await make_epp(trust_model_rewrite_header=True)
     s = EnvoyStream(epp.stub)
     res = await s.send_request(req_headers(**{"x-gateway-model-name-rewrite": "served-model"}), chat(model="alias"))
     assert json.loads(res.body)["model"] == "served-model"

@@ -34,6 +34,9 @@ class FakeAPIServer:
         self.expired_before = 0  # watches from an older resourceVersion get 410
         self.watch_requests = 0
         self.list_requests = 0
+        self.token_users: dict[str, dict] = {}  # bearer token -> TokenReview status.user
+        self.metrics_readers: set[str] = set()  # users allowed `get` on /metrics
+        self.reviews: list[str] = []
 
     def set_pool(self, match_labels, ports):
         self.pool = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": {"name": "pool", "namespace": "llm"},
@@ -71,7 +74,29 @@ class FakeAPIServer:
         app = web.Application()
         app.router.add_get("/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools/{name}", self.get_pool)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self.pods_handler)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self.token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self.access_review)
         return app
+
+    async def token_review(self, request):
+        if not self._authorized(request):
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        review = await request.json()
+        self.reviews.append("TokenReview")
+        user = self.token_users.get(review["spec"]["token"])
+        review["status"] = {"authenticated": True, "user": user} if user else {"authenticated": False, "error": "invalid bearer token"}
+        return web.json_response(review, status=201)
+
+    async def access_review(self, request):
+        if not self._authorized(request):
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        review = await request.json()
+        self.reviews.append("SubjectAccessReview")
+        spec = review["spec"]
+        attrs = spec.get("nonResourceAttributes") or {}
+        allowed = spec.get("user") in self.metrics_readers and attrs == {"path": "/metrics", "verb": "get"}
+        review["status"] = {"allowed": allowed}
+        return web.json_response(review, status=201)
 
     def _authorized(self, request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {TOKEN}"
