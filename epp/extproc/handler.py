@@ -177,8 +177,10 @@ class StreamHandler:
             return [msg.trailers_response(request=True)]
         if kind in ("response_headers", "response_body", "response_trailers"):
             if phase == REQUEST_BODY:
-                return self._violation(kind)  # a response before the request was routed
-            if phase in (IDLE, ROUTED):
+                # Envoy replied to the client itself before the body was complete (its 413 when a BUFFERED
+                # body outgrows its buffer): drop what was held and answer, or Envoy waits for message_timeout.
+                self._drop_body()
+            if phase in (IDLE, ROUTED, REQUEST_BODY):
                 self.phase = RESPONSE
             if kind == "response_headers":
                 return self._response_headers(req.response_headers)
