@@ -79,7 +79,8 @@ def test_two_epp_replicas_one_dies_and_traffic_continues_on_the_other(rig):
     assert len(after) >= 8 and all(r[2] == "ok" for r in after), f"requests started after the kill failed: {[r for r in after if r[2] != 'ok']}"
     for start, end, outcome in failed:
         assert start <= killed_at <= end, f"only requests in flight on the dead replica may fail: {(start - killed_at, end - killed_at, outcome)}"
-        assert outcome.startswith("cut:"), f"a stream cut by the dying EPP ends visibly, never as a clean short response: {outcome}"
+        # Visible either way: cut mid-response, or Envoy's 503 when the response had not started.
+        assert outcome.startswith(("cut:", f"503 {EPP_UNAVAILABLE_BODY[:60]!r}")), f"a request on the dying EPP failed unclearly: {outcome}"
     assert len(failed) <= 4
     assert wait_until(lambda: epp_hosts_healthy(envoy.admin) == [f"127.0.0.1:{e1.grpc}"], timeout=10, interval=0.1)
 
