@@ -4,6 +4,10 @@ Example (both backends on this machine, the fs link capped to emulate shared sto
 
     kv-bandwidth-profiler --backends nccl,fs --fs-link-gbps 0.02 --fs-link-latency-ms 5 \\
         --min-blocks 1 --max-blocks 1024 --num-samples 5 --output-dir profiles/
+
+Per link (every prefill → decode pair of a links spec, the file the EPP's kv-link-profiles reads):
+
+    kv-bandwidth-profiler --links links.yaml --output-dir profiles/   # writes kv-link-profiles.json
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     a("--fs-dir", default=None, help="shared directory for fs (default: a temporary directory)")
     a("--device", default="cpu", choices=("cpu", "cuda"), help="nccl backend: cpu = gloo, cuda = NCCL on the GPU (default: %(default)s)")
     a("--label", default="", help="llm-d.ai/kv-backend value recorded in the profile (default: nvlink for nccl, fs for fs)")
+    a("--links", default=None, metavar="SPEC", help="measure every link of this spec (pairs, classes, or instances by node; "
+      "see bandwidth_profiler/links.py) instead of --backends, and write kv-link-profiles.json (default: off)")
     a("--no-progress", action="store_true", help="no progress bar (for logs)")
     a("--output-dir", default=".", help="where <backend>.json, the table and the PNG go (default: %(default)s)")
     a("--name", default="kv-transfer-profile", help="base name of the table and PNG (default: %(default)s)")
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = block_counts(args.min_blocks, args.max_blocks, args.num_points)
+    if args.links:
+        return _links_main(args, shape, out, len(counts))
     profiles = []
     with progress(len(counts) * len(backends), unit="point", desc="profiling", disable=args.no_progress) as bar:
         for backend in backends:
@@ -105,6 +113,30 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{args.name}.md").write_text(text + "\n")
     plot(profiles, out / f"{args.name}.png")
     print(f"wrote {', '.join(str(out / (b + '.json')) for b in backends)}, {out / (args.name + '.png')}")
+    sys.stdout.flush()
+    os._exit(0)  # receiver threads of the nccl backend may still sit in recv
+
+
+def _links_main(args: argparse.Namespace, shape: KVShape, out: Path, points: int) -> int:
+    from bandwidth_profiler.links import links_table, load_links_spec, measure, plot_links
+
+    try:
+        spec = load_links_spec(args.links)
+        n = len(spec.pairs()) + len(spec.classes)
+    except ValueError as e:
+        print(f"kv-bandwidth-profiler: {e}", file=sys.stderr)
+        return 2
+    with tqdm(total=n * points, unit="point", desc="profiling links", disable=args.no_progress) as bar:
+        doc = measure(spec, shape, min_blocks=args.min_blocks, max_blocks=args.max_blocks, points=args.num_points,
+                      warmup_blocks=args.warmup_blocks, num_samples=args.num_samples, fs_dir=args.fs_dir,
+                      progress=bar.update, describe=lambda s: bar.set_description(f"profiling {s}"))
+    target = out / "kv-link-profiles.json"
+    target.write_text(json.dumps(doc, indent=2))
+    text = links_table(doc)
+    print(text)
+    (out / "kv-link-profiles.md").write_text(text + "\n")
+    plot_links(doc, out / "kv-link-profiles.png")
+    print(f"wrote {target} ({n} links), {out / 'kv-link-profiles.png'}")
     sys.stdout.flush()
     os._exit(0)  # receiver threads of the nccl backend may still sit in recv
 

@@ -2,9 +2,10 @@
 
 The event loop serves ext_proc; when it is busy (a burst of requests, a large body being parsed),
 anything queued on it waits. Kubelet probes the health port, and a probe that times out restarts
-a pod that is merely busy. This server runs grpc's threaded server with a copy of the health
-statuses: a check needs only the GIL, which the loop thread yields every few milliseconds.
-The ext_proc port keeps its own health service on the loop (Envoy's checks) with the same statuses.
+a pod that is merely busy. This server runs grpc's threaded server over the same answers as the
+loop's `HealthService` (`epp.health`): a check reads a few flags and needs only the GIL, which the
+loop thread yields every few milliseconds. The ext_proc port keeps its health service on the loop
+(Envoy's checks).
 """
 
 from __future__ import annotations
@@ -13,32 +14,33 @@ import asyncio
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp.health import HealthService
 
 
-class MirroredHealth(health_aio.HealthServicer):
-    """The loop's health servicer; every status set on it is also set on `threaded`."""
+class ThreadedHealth(health_pb2_grpc.HealthServicer):
+    """Synchronous twin of `HealthService`: same statuses, computed on every probe."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.threaded = health.HealthServicer()
+    def __init__(self, service: HealthService) -> None:
+        self.service = service
 
-    async def set(self, service: str, status) -> None:  # noqa: A003 (grpc's name)
-        await super().set(service, status)
-        self.threaded.set(service, status)
+    def Check(self, request, context):  # noqa: N802 (gRPC name)
+        return health_pb2.HealthCheckResponse(status=self.service.status(request.service))
 
-    async def enter_graceful_shutdown(self) -> None:
-        await super().enter_graceful_shutdown()
-        self.threaded.enter_graceful_shutdown()
+    def List(self, request, context):  # noqa: N802
+        return self.service.list_response()
+
+    def Watch(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not implemented")
 
 
 class ThreadedHealthServer:
     """grpc's threaded server behind the start/stop/add_*_port calls of `grpc.aio.Server`."""
 
-    def __init__(self, servicer: MirroredHealth, workers: int = 2) -> None:
+    def __init__(self, service: HealthService, workers: int = 2) -> None:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="epp-health"))
-        health_pb2_grpc.add_HealthServicer_to_server(servicer.threaded, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(ThreadedHealth(service), self._server)
 
     def add_insecure_port(self, address: str) -> int:
         return self._server.add_insecure_port(address)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from epp.datastore.endpoint import ROLE_LABEL, Endpoint
+from epp.datastore.endpoint import DECODE_ROLES, ENCODE_ROLES, PREFILL_ROLES, ROLE_LABEL, Endpoint
 from epp.scheduling.framework import ConfigError, CycleState, LLMRequest
 from epp.scheduling.registry import PluginContext, register
 
@@ -91,10 +91,6 @@ class RoleFilter:
         return out
 
 
-DECODE_ROLES = frozenset({"decode", "prefill-decode", "both", "encode-prefill-decode"})
-PREFILL_ROLES = frozenset({"prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"})
-
-
 @register("decode-filter")
 def _decode(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> RoleFilter:
     return RoleFilter("decode-filter", name, DECODE_ROLES, keep_unlabelled=True)
@@ -103,3 +99,8 @@ def _decode(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> Rol
 @register("prefill-filter")
 def _prefill(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> RoleFilter:
     return RoleFilter("prefill-filter", name, PREFILL_ROLES, keep_unlabelled=False)
+
+
+@register("encode-filter")
+def _encode(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> RoleFilter:
+    return RoleFilter("encode-filter", name, ENCODE_ROLES, keep_unlabelled=False)

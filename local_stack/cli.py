@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> LocalStack:
     return LocalStack(load_topology(args.topology), args.profile, args.workdir,
-                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port, args.envoy_admin_port), args.body_mode)
+                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port, envoy_admin=args.envoy_admin_port), args.body_mode)
 
 
 def up(args: argparse.Namespace) -> int:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,7 @@ class StackPorts:
     grpc_health: int = 9003
     metrics: int = 9090
     envoy_admin: int = 0  # Envoy's admin/stats port; 0 = a free one, chosen at start
+    kv_events: int = 0  # where the EPP hears the prefill engines' KV events; 0 = a free port at start
 
 
 @dataclass
@@ -91,6 +95,8 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for old in self.logs.glob("*.log"):  # one run's logs per start, so `epp decisions` reads this run
             old.unlink()
+        if not self.ports.kv_events:
+            self.ports.kv_events = free_port()
         profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
         for backend in t.backends:
@@ -142,10 +148,13 @@ class LocalStack:
                   "--link-gbps", str(b.link_gbps), "--link-latency-ms", str(b.link_latency_ms),
                   "--prefill-tokens-per-second", str(lat.prefill_tokens_per_second), "--decode-ms-per-token", str(lat.decode_ms_per_token),
                   "--batch-slowdown", str(lat.batch_slowdown), "--max-num-seqs", str(lat.max_num_seqs),
+                  "--num-gpu-blocks", str(lat.num_gpu_blocks),
                   "--num-layers", str(t.shape.num_layers), "--num-kv-heads", str(t.shape.num_kv_heads), "--head-dim", str(t.shape.head_dim),
                   "--block-size", str(t.shape.block_size), "--dtype", t.shape.dtype]
         d = self.procs.start(f"{name}-decode", ["vllm_sim.cli", "--role", "decode", "--port", str(http_d), "--kv-port", str(kv_port), *common])
-        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), *common])
+        # the prefill engine holds the prefix cache; its KV events name the pair's proxy, the EPP's endpoint
+        p = self.procs.start(f"{name}-prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p),
+                                                 "--kv-events-config", json.dumps(self.kv_events_config(proxy_port)), *common])
         if b.transfer == "nccl":
             mode = ["--mode", "p2p-nccl", "--prefill", f"http://127.0.0.1:{http_p}=127.0.0.1:{free_port()}",
                     "--decode", f"http://127.0.0.1:{http_d}=127.0.0.1:{kv_port}"]
@@ -153,7 +162,8 @@ class LocalStack:
             mode = ["--mode", "shared-storage", "--prefill", f"http://127.0.0.1:{http_p}", "--decode", f"http://127.0.0.1:{http_d}",
                     "--prefill-service", f"vllm-prefill-{b.label}{suffix}", "--decode-service", f"vllm-decode-{b.label}{suffix}"]
         prof = ["--profile-file", str(profile)] if profile else []
-        x = self.procs.start(name, ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(proxy_port), *mode, "--kv-backend", b.label, *prof])
+        x = self.procs.start(name, ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(proxy_port), *mode, "--kv-backend", b.label, *prof,
+                                    "--scrape-interval", str(t.proxy_scrape_interval)])
         self.proxies.append(ProxyInfo(name, b.label, proxy_port, http_p, http_d))
         return [(d, f"http://127.0.0.1:{http_d}/health"), (p, f"http://127.0.0.1:{http_p}/health"), (x, f"http://127.0.0.1:{proxy_port}/health")]
 
@@ -170,11 +180,57 @@ class LocalStack:
             "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), "--config-profile", profile, "--secure-serving=false",
             "--bind-address", "127.0.0.1", "--grpc-port", str(self.ports.grpc), "--grpc-health-port", str(self.ports.grpc_health),
             "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity),
-        ])
+        ], env={"EPP_PROFILES_DIR": str(self._epp_profiles())})
         self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
         _wait_grpc_serving(self.epp, self.ports.grpc_health)
         if self.envoy is not None and self.envoy.proc.poll() is None:
             wait_envoy_ready(self.envoy, self.ports.envoy_admin)  # Envoy's health check has seen the new EPP
+
+    def kv_events_config(self, endpoint_port: int) -> dict:
+        """vLLM's `--kv-events-config` for an engine behind the endpoint on `endpoint_port` (simulated or real)."""
+        return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.ports.kv_events}",
+                "topic": f"kv@127.0.0.1:{endpoint_port}@{self.topology.model}"}
+
+    def _epp_profiles(self) -> Path:
+        """The named profiles, with any KV-events `zmqEndpoint` pointed at this stack's port (as a Helm chart would)."""
+        from epp.config.loader import profiles_dir
+
+        out = self.workdir / "epp-profiles"
+        out.mkdir(parents=True, exist_ok=True)
+        for src in profiles_dir().glob("*.yaml"):
+            text = src.read_text()
+            if "zmqEndpoint" in text:
+                text = re.sub(r"(zmqEndpoint:\s*[\"']?tcp://)[^:\s\"']+:\d+", rf"\g<1>127.0.0.1:{self.ports.kv_events}", text)
+            (out / src.name).write_text(text)
+        return out
+
+    def reset_prefix_caches(self) -> None:
+        """Empty every engine's prefix cache (vLLM's /reset_prefix_cache), so runs compared start alike."""
+        for p in self.proxies:
+            for port in (p.prefill_port, p.decode_port):
+                for _ in range(50):  # refused while a request still holds blocks: wait for it to finish
+                    try:
+                        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", method="POST"), timeout=5):
+                            break
+                    except urllib.error.HTTPError as e:
+                        if e.code == 404:
+                            raise RuntimeError(f"the engine on :{port} has no /reset_prefix_cache "
+                                               "(real vLLM serves it with VLLM_SERVER_DEV_MODE=1)") from None
+                        if e.code != 409:
+                            raise
+                        time.sleep(0.2)
+
+    def prefix_cache_counters(self) -> dict[str, float]:
+        """Prompt tokens looked up and found in the prefill engines' prefix caches, summed (vllm:prefix_cache_*)."""
+        out = {"queries": 0.0, "hits": 0.0}
+        for p in self.proxies:
+            with urllib.request.urlopen(f"http://127.0.0.1:{p.prefill_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            for line in text.splitlines():
+                for key in out:
+                    if line.startswith(f"vllm:prefix_cache_{key}_total"):
+                        out[key] += float(line.rsplit(" ", 1)[1])
+        return out
 
     def stop_epp(self) -> None:
         self.epp_procs.stop()

@@ -33,6 +33,7 @@ class Latency(Strict):
     decode_ms_per_token: float = 10.0
     batch_slowdown: float = 0.05
     max_num_seqs: int = 32
+    num_gpu_blocks: int = 4096  # KV blocks per instance: the prefix cache's capacity
 
 
 class Backend(Strict):
@@ -49,6 +50,7 @@ class Topology(Strict):
     shape: ModelShape = ModelShape()
     latency: Latency = Latency()
     profile_kv_transfer: bool = True  # profile each backend at start and publish it through the proxies
+    proxy_scrape_interval: float = Field(1.0, gt=0)  # how often each proxy re-reads its engines' vllm:* gauges (s)
     backends: list[Backend] = [
         Backend(label="nvlink", transfer="nccl", proxy_name="vllm-p2p-proxy"),
         Backend(label="fs", transfer="fs", proxy_name="vllm-fs-proxy", link_gbps=0.01, link_latency_ms=5.0),

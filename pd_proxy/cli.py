@@ -7,6 +7,7 @@ import sys
 
 from aiohttp import web
 
+from pd_proxy.instances import HealthPolicy
 from pd_proxy.proxy import MODES, Instance, PDProxy, ProxyConfig
 
 
@@ -28,6 +29,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-port", type=int, default=0,
                    help="accept instances registering by P2pNcclConnector heartbeats on this ZMQ port (0 = off; vLLM's proxy uses 30001)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between instance health/metrics reads")
+    g = p.add_argument_group("instance health (see docs/backends.md)")
+    d = HealthPolicy()
+    g.add_argument("--health-timeout", type=float, default=d.health_timeout, help="seconds an instance's /health (and /metrics) may take")
+    g.add_argument("--consecutive-failures", type=int, default=d.consecutive_failures,
+                   help="failed calls in a row (5xx, lost connection, timeout, failed KV transfer) that eject an instance")
+    g.add_argument("--base-ejection", type=float, default=d.base_ejection,
+                   help="seconds of an instance's first ejection; each further one lasts this × its count")
+    g.add_argument("--max-ejection", type=float, default=d.max_ejection, help="longest ejection, seconds")
+    g.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
+                   help="an instance with calls in flight and no progress for this many seconds is hung: ejected, its calls end in 504 (0 = off)")
     return p
 
 
@@ -40,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             connect_timeout=args.connect_timeout, prefill_timeout=args.prefill_timeout, decode_timeout=args.decode_timeout,
             fallback_decode_only=args.fallback_decode_only, profile_file=args.profile_file, scrape_interval=args.scrape_interval,
             heartbeat_port=args.heartbeat_port,
+            health=HealthPolicy(args.consecutive_failures, args.base_ejection, args.max_ejection, args.health_timeout, args.stall_timeout),
         ))
     except (ValueError, OSError) as e:
         print(f"pd-proxy: {e}", file=sys.stderr)

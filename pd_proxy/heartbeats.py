@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Callable
 
-from pd_proxy.proxy import Instance
+from pd_proxy.instances import Instance
 
 
 class HeartbeatRegistry:

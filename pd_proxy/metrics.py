@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 REEXPORT = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+PROGRESS = ("vllm:prompt_tokens", "vllm:generation_tokens")  # counters that move while an engine works
 EWMA = 0.2
 
 
@@ -55,15 +59,49 @@ class ProxyMetrics:
         self._block_tokens.labels(self.kv_backend).set(profile.get("block_tokens", 16))
         self._block_bytes.labels(self.kv_backend).set(profile.get("block_bytes", 0))
 
-    def absorb_vllm(self, role: str, index: str, text: str) -> None:
+    def absorb_vllm(self, role: str, index: str, text: str) -> float | None:
+        """Re-export an instance's gauges; returns its token counters' sum (None if it has none)."""
+        progress = None
         for fam in text_string_to_metric_families(text):
             name = fam.name if fam.name.startswith("vllm:") else None
+            if name in PROGRESS:
+                progress = (progress or 0.0) + sum(s.value for s in fam.samples if s.name == f"{name}_total")
             if name not in self._vllm:
                 continue
             for s in fam.samples:
                 if s.name == name:
                     engine = f"{role}-{index}-{s.labels.get('engine', '0')}"
                     self._vllm[name].labels(s.labels.get("model_name", ""), engine, role, self.kv_backend).set(s.value)
+        return progress
+
+    def watch_instances(self, views: Callable[[], list[dict]]) -> None:
+        """Per-instance health series, read from the proxy's own state at each scrape (no stale series)."""
+        self.registry.register(_InstanceCollector(self.kv_backend, views))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _InstanceCollector:
+    """pdproxy_instance_* from `HealthTracker.view` dicts: what the EPP reads to see a pair's instances."""
+
+    def __init__(self, kv_backend: str, views: Callable[[], list[dict]]) -> None:
+        self.kv_backend, self.views = kv_backend, views
+
+    def collect(self):
+        labels = ["kv_backend", "role", "instance"]
+        up = GaugeMetricFamily("pdproxy_instance_up", "1 while the instance takes requests; 0 while it is down or ejected.", labels=labels)
+        in_flight = GaugeMetricFamily("pdproxy_instance_in_flight", "Requests the proxy has on the instance.", labels=labels)
+        ejections = CounterMetricFamily("pdproxy_instance_ejections", "Times the instance was ejected (failures in a row, a stall, a failed probe).",
+                                        labels=labels)
+        failures = CounterMetricFamily("pdproxy_instance_failures",
+                                       "Failed calls and health checks by kind: connect, reset, 5xx, timeout, stall, kv, health.",
+                                       labels=[*labels, "kind"])
+        for v in self.views():
+            key = [self.kv_backend, v["role"], v["instance"]]
+            up.add_metric(key, 1.0 if v["up"] else 0.0)
+            in_flight.add_metric(key, v["in_flight"])
+            ejections.add_metric(key, v["ejections"])
+            for kind, n in sorted(v["failures"].items()):
+                failures.add_metric([*key, kind], n)
+        yield from (up, in_flight, ejections, failures)

@@ -5,7 +5,10 @@ addresses, `___prefill_addr_{P}___decode_addr_{D}_{uuid}`, sent as X-Request-Id 
 `shared-storage` (vLLM's shared-storage/Example connector: same order, ids name the services).
 What the reference proxies lack is here: pooled connections, timeouts, upstream errors as
 OpenAI-style JSON with a meaningful status, a failed prefill reported (or, if enabled, served
-decode-only), and a client disconnect cancelling both legs.
+decode-only), a client disconnect cancelling both legs, and instance health (`instances.py`):
+a dead, hung or failing instance gets no requests, a request that finds no healthy instance
+fails at once, and a request caught in a crash ends with a clear error — a stream already
+started with an error event and `[DONE]`, as vLLM ends one.
 """
 
 from __future__ import annotations
@@ -16,32 +19,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
+from pd_proxy.instances import HealthPolicy, HealthTracker, Instance, Leg
 from pd_proxy.metrics import ProxyMetrics
 
 MODES = ("p2p-nccl", "shared-storage")
-
-
-@dataclass
-class Instance:
-    """A prefill or decode vLLM: its HTTP base URL and (p2p-nccl) its KV address."""
-
-    url: str
-    kv_addr: str = ""
-    in_flight: int = 0
-    healthy: bool = True
-
-    @classmethod
-    def parse(cls, spec: str) -> "Instance":
-        """`http://host:port` or `http://host:port=kvhost:kvport`."""
-        url, _, kv = spec.partition("=")
-        if not url.startswith(("http://", "https://")):
-            url = "http://" + url
-        return cls(url.rstrip("/"), kv)
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a whole (non-streamed) answer is read before it is passed on
+__all__ = ["MODES", "Instance", "PDProxy", "ProxyConfig", "UpstreamError", "error_response"]
 
 
 @dataclass
@@ -57,20 +45,32 @@ class ProxyConfig:
     decode_timeout: float = 3600.0
     fallback_decode_only: bool = False
     profile_file: str | None = None
-    scrape_interval: float = 1.0
+    scrape_interval: float = 1.0  # also the health-check interval
     heartbeat_port: int = 0  # >0: accept instances registering by P2pNcclConnector heartbeats (ZMQ ROUTER)
     heartbeat_host: str = "0.0.0.0"
+    health: HealthPolicy = field(default_factory=HealthPolicy)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _DecodeRefused(Exception):
+    """The decode refused the connection (nothing reached it): serve the request again with another decode."""
+
+
 class UpstreamError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "UpstreamError") -> None:
+    """A call to an instance failed. `blame`: the failure kind it counts against the instance (None: not its fault)."""
+
+    def __init__(self, status: int, message: str, kind: str = "UpstreamError", blame: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.blame = status, message, kind, blame
 
 
 def error_response(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"object": "error", "error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+def _sse_error(status: int, message: str, kind: str) -> bytes:
+    """A stream's end after a failure: an error event, then [DONE], as vLLM's serving layer writes it."""
+    return b"data: " + json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 class PDProxy:
@@ -85,11 +85,14 @@ class PDProxy:
                 raise ValueError(f"p2p-nccl mode needs each instance as URL=KV_HOST:KV_PORT; missing for {', '.join(missing)}")
         self.cfg = cfg
         self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
+        self.tracker = HealthTracker(cfg.health, log=self._log_instance, on_suspect=self._check_soon)
+        self.metrics.watch_instances(self.instance_views)
         self.profile: dict | None = None
         if cfg.profile_file:
             self.load_profile(cfg.profile_file)
         self.session: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task | None = None
+        self._probes: set[asyncio.Task] = set()
         self.registry = None
         if cfg.heartbeat_port:
             from pd_proxy.heartbeats import HeartbeatRegistry
@@ -103,7 +106,7 @@ class PDProxy:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_errors])
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_get("/v1/models", self.models)
@@ -122,18 +125,23 @@ class PDProxy:
             await self.registry.start()
 
     async def _stop(self, app: web.Application) -> None:
-        if self._scraper:
-            self._scraper.cancel()
+        for task in [self._scraper, *self._probes]:
+            if task:
+                task.cancel()
         if self.registry is not None:
             await self.registry.stop()
         if self.session:
             await self.session.close()
 
     # -- routing -------------------------------------------------------------------------------------
-    @staticmethod
-    def _least_loaded(instances: list[Instance]) -> Instance:
-        healthy = [i for i in instances if i.healthy] or instances
-        return min(healthy, key=lambda i: i.in_flight)
+    def _roles(self) -> tuple[tuple[str, list[Instance]], ...]:
+        return ("prefill", self.cfg.prefills), ("decode", self.cfg.decodes)
+
+    def _role(self, inst: Instance) -> str:
+        return "decode" if any(i is inst for i in self.cfg.decodes) else "prefill"
+
+    def _log_instance(self, inst: Instance, message: str) -> None:
+        print(f"pd-proxy: {self._role(inst)} {inst.url} {message}", flush=True)
 
     def request_id(self, p: Instance, d: Instance) -> str:
         if self.cfg.mode == "p2p-nccl":
@@ -150,8 +158,12 @@ class PDProxy:
         pb.pop("stream_options", None)
         return pb
 
+    def _unavailable(self, role: str, instances: list[Instance]) -> web.Response:
+        self.metrics.finished("503")
+        return error_response(503, f"no healthy {role} instance: {self.tracker.why_not(instances)}", "ServiceUnavailable")
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        m = self.metrics
+        m, t = self.metrics, self.tracker
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -163,42 +175,103 @@ class PDProxy:
         if not self.cfg.prefills or not self.cfg.decodes:
             m.finished("503")
             return error_response(503, "no prefill or decode instance registered yet", "ServiceUnavailable")
-        p, d = self._least_loaded(self.cfg.prefills), self._least_loaded(self.cfg.decodes)
-        rid = self.request_id(p, d)
-        prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
+        tried: list[Instance] = []
+        while True:
+            d = t.pick(self.cfg.decodes, exclude=tried)  # first: a p2p request id names the decode's KV address
+            if d is None:
+                return self._unavailable("decode", self.cfg.decodes)
+            p = t.pick(self.cfg.prefills)
+            if p is None and not self.cfg.fallback_decode_only:
+                return self._unavailable("prefill", self.cfg.prefills)
+            try:
+                return await self._serve(request, body, p, d)
+            except _DecodeRefused:
+                tried.append(d)  # nothing reached it: the whole request goes to another decode, if one is up
+
+    async def _serve(self, request: web.Request, body: dict, p: Instance | None, d: Instance) -> web.StreamResponse:
+        """One attempt: prefill (another prefill if this one refuses connections), then the decode leg."""
+        m, t = self.metrics, self.tracker
         path = request.path
         m.in_flight.inc()
-        p.in_flight += 1
-        d.in_flight += 1
+        t.acquire(d)
+        held = [d]
         t0 = time.monotonic()
         status = "cancelled"
         try:
-            headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
-            decode_headers = dict(headers)
-            try:
-                prefill_s = await self._prefill(p, path, body, headers)
+            rid = self.request_id(p or self.cfg.prefills[0], d)
+            decode_headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+            while p is not None:
+                prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
+                t.acquire(p)
+                held.append(p)
+                rid = self.request_id(p, d)
+                decode_headers["X-Request-Id"] = rid
+                try:
+                    prefill_s = await self._call(p, lambda leg: self._prefill(p, path, body, dict(decode_headers)))
+                except UpstreamError as e:
+                    if e.blame == "kv":
+                        t.failed(d, "kv", e.message)  # the prefill is fine; its KV could not reach the decode
+                    other = t.pick(self.cfg.prefills, exclude=held) if e.blame == "connect" else None
+                    if other is not None:
+                        p = other
+                        continue
+                    if not self.cfg.fallback_decode_only:
+                        status = str(e.status)
+                        return error_response(e.status, f"prefill failed on {p.url}: {e.message}", "PrefillError")
+                    decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
+                    m.fallbacks.inc()
+                    break
                 m.prefill_seconds.observe(prefill_s)
                 if prefill_s > 0 and prefill_alone:
                     m.observe_prefill_speed(_prompt_tokens(body) / prefill_s)
-            except UpstreamError as e:
-                if not self.cfg.fallback_decode_only:
-                    status = str(e.status)
-                    return error_response(e.status, f"prefill failed on {p.url}: {e.message}", "PrefillError")
-                decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
+                break
+            else:
+                decode_headers["X-KV-Transfer"] = "none"  # no healthy prefill: the fallback serves it decode-only
                 m.fallbacks.inc()
-            resp = await self._decode(request, d, path, body, decode_headers, t0)
-            status = str(resp.status)
+            try:
+                resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, body, decode_headers, t0))
+            except UpstreamError as e:
+                if e.blame == "connect" and t.pick(self.cfg.decodes, exclude=[d]) is not None:
+                    status = "retried"
+                    raise _DecodeRefused() from None
+                raise
             return resp
         except UpstreamError as e:
             status = str(e.status)
             return error_response(e.status, e.message, e.kind)
         finally:
-            p.in_flight -= 1
-            d.in_flight -= 1
+            for inst in held:
+                t.release(inst)
             m.in_flight.dec()
             m.finished(status)
             if status.startswith("2"):
                 m.e2e_seconds.observe(time.monotonic() - t0)
+
+    async def _call(self, inst: Instance, call: Callable[[Leg], Awaitable[Any]]) -> Any:
+        """One call to `inst`, run as a leg whose outcome feeds the instance's health; a hung instance's legs end in 504."""
+        t = self.tracker
+        leg = Leg()
+        leg.task = asyncio.ensure_future(call(leg))
+        t.leg_started(inst, leg)
+        try:
+            result = await leg.task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if leg.abort_reason is None or (current is not None and current.cancelling()):
+                raise  # the client went away
+            t.failed(inst, "stall", leg.abort_reason)
+            raise UpstreamError(504, f"{self._role(inst)} {inst.url}: {leg.abort_reason}", "Timeout", "stall") from None
+        except UpstreamError as e:
+            if e.blame and e.blame != "kv":
+                t.failed(inst, e.blame, e.message)
+            raise
+        finally:
+            t.leg_ended(inst, leg)
+        if leg.failure:
+            t.failed(inst, *leg.failure)  # a stream that broke after it began
+        else:
+            t.succeeded(inst)
+        return result
 
     async def _prefill(self, p: Instance, path: str, body: dict, headers: dict) -> float:
         assert self.session is not None
@@ -206,73 +279,113 @@ class PDProxy:
         try:
             async with self.session.post(p.url + path, json=self.prefill_body(body), headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.prefill_timeout)) as r:
-                text = await r.read()
+                self.tracker.progress(p)
+                text = await _read_capped(r)
                 if r.status >= 400:
-                    raise UpstreamError(r.status, _upstream_message(text, r.status))
+                    message, etype = _upstream_error(text, r.status)
+                    blame = "kv" if etype == "KVTransferError" else ("5xx" if r.status >= 500 else None)
+                    raise UpstreamError(r.status, message, blame=blame)
         except aiohttp.ClientConnectorError as e:
-            p.healthy = False
-            raise UpstreamError(503, f"cannot connect: {e.os_error or e}", "ServiceUnavailable") from None
+            raise UpstreamError(503, f"cannot connect: {_connect_reason(e)}", "ServiceUnavailable", "connect") from None
+        except (aiohttp.ClientError, ValueError) as e:
+            raise UpstreamError(502, f"connection lost before the answer was complete ({_describe(e)})", "BadGateway", "reset") from None
         except asyncio.TimeoutError:
-            raise UpstreamError(504, f"prefill timed out after {self.cfg.prefill_timeout:g}s", "Timeout") from None
+            raise UpstreamError(504, f"prefill timed out after {self.cfg.prefill_timeout:g}s", "Timeout", "timeout") from None
         return time.monotonic() - t
 
-    async def _decode(self, request: web.Request, d: Instance, path: str, body: dict, headers: dict, t0: float) -> web.StreamResponse:
+    async def _decode(self, request: web.Request, d: Instance, leg: Leg, path: str, body: dict, headers: dict,
+                      t0: float) -> tuple[web.StreamResponse, str]:
+        """The decode leg; returns the response and the status to count for it."""
         assert self.session is not None
         m = self.metrics
         t = time.monotonic()
         try:
             async with self.session.post(d.url + path, json=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.decode_timeout)) as r:
+                self.tracker.progress(d)
                 if r.status >= 400:
-                    text = await r.read()
-                    return error_response(r.status, f"decode failed on {d.url}: {_upstream_message(text, r.status)}", "DecodeError")
+                    message, _ = _upstream_error(await _read_capped(r), r.status)
+                    raise UpstreamError(r.status, f"decode failed on {d.url}: {message}", "DecodeError", "5xx" if r.status >= 500 else None)
                 kv_s = r.headers.get("x-kv-transfer-seconds")
                 if kv_s:
                     m.kv_transfer_seconds.observe(float(kv_s))
-                out = web.StreamResponse(status=r.status, headers={
-                    "Content-Type": r.headers.get("Content-Type", "application/json"),
-                    "X-Request-Id": headers["X-Request-Id"],
-                    **({"x-kv-transfer-seconds": kv_s} if kv_s else {}),
-                })
-                await out.prepare(request)
-                first_at = None
-                async for chunk in r.content.iter_any():
-                    if first_at is None:
-                        first_at = time.monotonic()
-                        m.ttft_seconds.observe(first_at - t0)
-                    await out.write(chunk)
-                await out.write_eof()
+                out_headers = {"Content-Type": r.headers.get("Content-Type", "application/json"), "X-Request-Id": headers["X-Request-Id"],
+                               **({"x-kv-transfer-seconds": kv_s} if kv_s else {})}
+                if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return await self._relay_stream(request, d, leg, r, out_headers, body, t0, t, kv_s)
+                data = await _read_capped(r)  # whole: a failure before the last byte becomes a clean error, not a cut body
                 end = time.monotonic()
+                m.ttft_seconds.observe(end - t0)
                 m.decode_seconds.observe(end - t)
                 out_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-                # decoding only: a streamed response from its first byte on, a whole one less the KV wait the
-                # decode instance reported, so a slow fabric is not mistaken for a slow decoder
+                # decoding only: the whole answer less the KV wait the decode instance reported, so a slow fabric
+                # is not mistaken for a slow decoder
                 if isinstance(out_tokens, int) and out_tokens > 2:
-                    if body.get("stream") is True and first_at is not None:
-                        m.observe_decode_speed((end - first_at) / (out_tokens - 1))
-                    else:
-                        m.observe_decode_speed(max(0.0, end - t - float(kv_s or 0.0)) / out_tokens)
-                return out
+                    m.observe_decode_speed(max(0.0, end - t - float(kv_s or 0.0)) / out_tokens)
+                return web.Response(body=data, status=r.status, headers=out_headers), str(r.status)
         except aiohttp.ClientConnectorError as e:
-            d.healthy = False
-            raise UpstreamError(503, f"cannot connect to decode {d.url}: {e.os_error or e}", "ServiceUnavailable") from None
+            raise UpstreamError(503, f"cannot connect to decode {d.url}: {_connect_reason(e)}", "ServiceUnavailable", "connect") from None
+        except (aiohttp.ClientError, ValueError) as e:
+            raise UpstreamError(502, f"decode {d.url} closed the connection before the answer was complete ({_describe(e)})",
+                                "BadGateway", "reset") from None
         except asyncio.TimeoutError:
-            raise UpstreamError(504, f"decode timed out after {self.cfg.decode_timeout:g}s", "Timeout") from None
+            raise UpstreamError(504, f"decode timed out after {self.cfg.decode_timeout:g}s", "Timeout", "timeout") from None
+
+    async def _relay_stream(self, request: web.Request, d: Instance, leg: Leg, r: aiohttp.ClientResponse, out_headers: dict,
+                            body: dict, t0: float, t: float, kv_s: str | None) -> tuple[web.StreamResponse, str]:
+        """SSE bytes as they come; if the decode fails mid-stream, the client gets an error event and [DONE]."""
+        m = self.metrics
+        out = web.StreamResponse(status=r.status, headers=out_headers)
+        await out.prepare(request)
+        first_at = None
+        try:
+            async for chunk in r.content.iter_any():
+                self.tracker.progress(d)
+                if first_at is None:
+                    first_at = time.monotonic()
+                    m.ttft_seconds.observe(first_at - t0)
+                if b'data: {"error"' in chunk:
+                    leg.failure = ("5xx", "the decode ended its stream with an error event")
+                await out.write(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            reason = (f"decode {d.url} timed out mid-stream after {self.cfg.decode_timeout:g}s" if isinstance(e, asyncio.TimeoutError)
+                      else f"decode {d.url} closed the connection mid-stream ({_describe(e)})")
+            leg.failure = ("timeout" if isinstance(e, asyncio.TimeoutError) else "reset", reason)
+            return await _end_stream(out, 502, reason, "BadGateway"), "stream_error"
+        except asyncio.CancelledError:
+            if leg.abort_reason is None:
+                raise  # the client went away
+            leg.failure = ("stall", leg.abort_reason)
+            return await _end_stream(out, 504, f"decode {d.url}: {leg.abort_reason}", "Timeout"), "stream_error"
+        await out.write_eof()
+        end = time.monotonic()
+        m.decode_seconds.observe(end - t)
+        out_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(out_tokens, int) and out_tokens > 2 and first_at is not None:
+            m.observe_decode_speed((end - first_at) / (out_tokens - 1))  # decoding only: from the first byte on
+        return out, ("stream_error" if leg.failure else str(r.status))
 
     # -- small routes ----------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
         assert self.session is not None
-        d = self._least_loaded(self.cfg.decodes)
+        d = self.tracker.pick(self.cfg.decodes)
+        if d is None:
+            return error_response(503, f"no healthy decode instance: {self.tracker.why_not(self.cfg.decodes)}", "ServiceUnavailable")
         try:
-            async with self.session.get(d.url + "/v1/models") as r:
-                return web.Response(body=await r.read(), status=r.status, content_type="application/json")
-        except aiohttp.ClientError as e:
-            return error_response(503, f"cannot reach decode {d.url}: {e}", "ServiceUnavailable")
+            async with self.session.get(d.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=self.cfg.health.health_timeout * 2)) as r:
+                return web.Response(body=await _read_capped(r), status=r.status, content_type="application/json")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            return error_response(503, f"cannot reach decode {d.url}: {_describe(e)}", "ServiceUnavailable")
+
+    def instance_views(self) -> list[dict]:
+        return [self.tracker.view(role, inst) for role, instances in self._roles() for inst in list(instances)]
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = any(i.healthy for i in self.cfg.prefills) and any(i.healthy for i in self.cfg.decodes)  # False while none is registered
-        state = {"prefill": {i.url: i.healthy for i in self.cfg.prefills}, "decode": {i.url: i.healthy for i in self.cfg.decodes}}
-        return web.json_response({"healthy": ok, **state}, status=200 if ok else 503)
+        """200 while a request can be served (a usable decode, and a usable prefill or the fallback); the instances' states."""
+        usable = {role: any(self.tracker.usable(i) for i in instances) for role, instances in self._roles()}
+        ok = bool(self.cfg.prefills) and usable["decode"] and (usable["prefill"] or self.cfg.fallback_decode_only)
+        state = {role: {i.url: self.tracker.usable(i) for i in instances} for role, instances in self._roles()}
+        return web.json_response({"healthy": ok, **state, "instances": self.instance_views()}, status=200 if ok else 503)
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -282,21 +395,117 @@ class PDProxy:
             return error_response(404, "no KV-transfer profile loaded; run kv-bandwidth-profiler and pass --profile-file", "NotFound")
         return web.json_response(self.profile)
 
+    # -- instance health -------------------------------------------------------------------------------
     async def _scrape_loop(self) -> None:
-        """Instance health and their vllm:* gauges, re-exported with a role label."""
-        assert self.session is not None
+        """Every interval: each instance's /health and vllm:* gauges (re-exported with a role label), then stalls."""
         while True:
-            for role, instances in (("prefill", self.cfg.prefills), ("decode", self.cfg.decodes)):
-                for i, inst in enumerate(instances):
-                    try:
-                        async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                            text = await r.text()
-                        async with self.session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as h:
-                            inst.healthy = h.status == 200
-                        self.metrics.absorb_vllm(role, str(i), text)
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
-                        inst.healthy = False
+            checks = [(role, i, inst) for role, instances in self._roles() for i, inst in enumerate(list(instances))]
+            await asyncio.gather(*(self._scrape(role, i, inst) for role, i, inst in checks))
+            for _, _, inst in checks:
+                reason = self.tracker.stalled(inst)
+                if reason:
+                    self.tracker.end_stall(inst, reason)
             await asyncio.sleep(self.cfg.scrape_interval)
+
+    async def _scrape(self, role: str, index: int, inst: Instance) -> None:
+        if not await self._check_health(inst):
+            return
+        assert self.session is not None
+        try:
+            async with self.session.get(inst.url + "/metrics", timeout=aiohttp.ClientTimeout(total=self.cfg.health.health_timeout)) as r:
+                text = (await _read_capped(r)).decode("utf-8", "replace")
+            self.tracker.counters_moved(inst, self.metrics.absorb_vllm(role, str(index), text))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass  # health decides; a metrics page that fails once only leaves the gauges as they were
+
+    async def _check_health(self, inst: Instance) -> bool:
+        """GET /health; feeds the tracker. A probe already under way for this instance answers for both."""
+        h = inst.health
+        if h.checking or self.session is None:
+            return h.down is None
+        h.checking = True
+        try:
+            ok, reason, slow = await self._probe(inst)
+        finally:
+            h.checking = False
+        self.tracker.health_result(inst, ok, reason, slow)
+        return ok
+
+    async def _probe(self, inst: Instance) -> tuple[bool, str, bool]:
+        """(passed, why not, whether it only failed by not answering in time)."""
+        assert self.session is not None
+        timeout = self.cfg.health.health_timeout
+        try:
+            async with self.session.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return r.status == 200, f"/health answered {r.status}", False
+        except aiohttp.ClientConnectorError as e:
+            return False, f"cannot connect: {_connect_reason(e)}", False
+        except asyncio.TimeoutError:
+            return False, f"/health did not answer within {timeout:g}s", True
+        except aiohttp.ClientError as e:
+            return False, f"/health failed: {_describe(e)}", False
+
+    def _check_soon(self, inst: Instance) -> None:
+        """After a failed call: ask the instance's /health now rather than at the next interval."""
+        if inst.health.checking or self.session is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._check_health(inst))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+
+async def _end_stream(out: web.StreamResponse, status: int, message: str, kind: str) -> web.StreamResponse:
+    try:
+        await out.write(_sse_error(status, message, kind))
+        await out.write_eof()
+    except ConnectionResetError:
+        pass  # the client left as well
+    return out
+
+
+async def _read_capped(r: aiohttp.ClientResponse, cap: int = MAX_UPSTREAM_BODY) -> bytes:
+    chunks, size = [], 0
+    async for chunk in r.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise ValueError(f"upstream answer larger than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error as OpenAI-style JSON: no default aiohttp pages, no tracebacks in the log."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, e.reason, "NotFound" if e.status == 404 else "BadRequestError")
+    except ConnectionResetError:
+        return _abandon(request)  # the client went away: nothing to answer, nothing to log
+    except Exception as e:  # noqa: BLE001 -- one line in the log, a JSON answer to the client
+        print(f"pd-proxy: {request.method} {request.path} failed: {type(e).__name__}: {e}", flush=True)
+        if request.writer is not None and request.writer.output_size > 0:
+            return _abandon(request)
+        return error_response(500, f"proxy error: {type(e).__name__}: {e}", "InternalServerError")
+
+
+def _abandon(request: web.Request) -> web.Response:
+    """Close the connection under a response that cannot be completed; aiohttp then drops it quietly."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)
+
+
+def _connect_reason(e: aiohttp.ClientConnectorError) -> str:
+    os_error = getattr(e, "os_error", None)
+    return getattr(os_error, "strerror", None) or str(os_error or e)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -308,14 +517,16 @@ def _prompt_tokens(body: dict) -> int:
     return max(1, len(str(p)) // 4)
 
 
-def _upstream_message(text: bytes, status: int) -> str:
+def _upstream_error(text: bytes, status: int) -> tuple[str, str]:
+    """(message, error type) of an upstream error body; vLLM may send an empty one."""
     try:
         obj = json.loads(text)
         err = obj.get("error")
         if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
+            return str(err["message"]), str(err.get("type", ""))
         if isinstance(obj.get("message"), str):
-            return obj["message"]
+            return obj["message"], str(obj.get("type", ""))
     except (ValueError, AttributeError):
         pass
-    return text.decode("utf-8", "replace")[:500] or f"HTTP {status}"
+    return text.decode("utf-8", "replace")[:500] or f"HTTP {status}", ""
+

@@ -3,10 +3,16 @@
 Counts rise when a request is scheduled (PreRequest, for every endpoint any profile picked)
 and fall exactly once when it ends: response done, client disconnect, stream reset, or the
 `requestTimeout` safety net for requests whose end was never seen.
+
+A request that failed (a 5xx, or the gateway could not reach the endpoint) keeps its slot for
+`failurePenalty` more: a backend that fails in a millisecond would otherwise look idle and win
+every pick. A client's 4xx or a disconnect is not held against the endpoint.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,6 +21,7 @@ from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, Schedu
 from epp.scheduling.registry import PluginContext, positive_duration, register
 
 DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_FAILURE_PENALTY = 5.0
 
 
 class ActiveRequestScorer:
@@ -27,10 +34,14 @@ class ActiveRequestScorer:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         idle_threshold: int = 0,
         max_busy_score: float = 1.0,
+        failure_penalty: float = DEFAULT_FAILURE_PENALTY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.request_timeout = request_timeout
+        self.failure_penalty = failure_penalty
+        self._held: list[tuple[float, int, tuple[str, ...]]] = []  # heap: (release at, seq, keys) of failed requests
+        self._seq = itertools.count()
         self.idle_threshold = idle_threshold
         self.max_busy_score = max_busy_score
         self.clock = clock
@@ -40,8 +51,12 @@ class ActiveRequestScorer:
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        if self.clock() >= self._next_purge:
+        now = self.clock()
+        if now >= self._next_purge:
             self.purge_expired()
+        held = self._held
+        while held and held[0][0] <= now:
+            self._release(heapq.heappop(held)[2])
         counts = self.counts
         if not counts:
             return [1.0] * len(endpoints)
@@ -61,7 +76,11 @@ class ActiveRequestScorer:
 
     def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
         entry = self._inflight.pop(id(request), None)
-        if entry is not None:
+        if entry is None:
+            return
+        if outcome == "error" and self.failure_penalty > 0:
+            heapq.heappush(self._held, (self.clock() + self.failure_penalty, next(self._seq), entry[0]))
+        else:
             self._release(entry[0])
 
     def purge_expired(self) -> int:
@@ -96,7 +115,9 @@ def _factory(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> Ac
     busy = parameters.get("maxBusyScore", 1.0)
     if not isinstance(busy, (int, float)) or isinstance(busy, bool) or not 0.0 <= busy <= 1.0:
         raise ConfigError(f"plugin {name!r}: maxBusyScore must be a number in [0, 1], got {busy!r}")
-    scorer = ActiveRequestScorer(name, request_timeout=timeout, idle_threshold=idle, max_busy_score=float(busy))
+    penalty = parameters.get("failurePenalty", DEFAULT_FAILURE_PENALTY)
+    penalty = 0.0 if penalty in (0, "0", "0s") else positive_duration(name, parameters, "failurePenalty", DEFAULT_FAILURE_PENALTY)
+    scorer = ActiveRequestScorer(name, request_timeout=timeout, idle_threshold=idle, max_busy_score=float(busy), failure_penalty=penalty)
     if ctx.datastore is not None:
         ctx.datastore.on_removal(scorer.forget_endpoint)
     return scorer

@@ -18,6 +18,8 @@ k requests already in flight on e:
   metrics-staleness threshold are still used (a speed changes slowly; the load terms come from
   this EPP's own bookings, not from scrapes) and those endpoints are named in the log;
 * n: the request's max_tokens, or `defaultOutputTokens` when it does not say;
+* t counts only the prompt tokens e does not hold: when a prefix-cache producer is configured,
+  the prefix it believes e has cached is not prefilled again;
 * wait(e): how long work this EPP already sent to e keeps its serial prefill-and-transfer stage
   busy. Every scheduled request pushes e's stage by its own prefill + transfer estimate, so the
   queue is known the moment a request is routed — no scrape lag, which matters in bursts;
@@ -36,21 +38,31 @@ The model calibrates itself per endpoint: when a request it routed completes, th
 duration over the E2E predicted at routing time feeds an EWMA `calibration(e)` (clamped to
 [0.5, 3]). Whatever the model misses on a pair — a busy host, a prefill speed measured under
 other load — shows up there and moves traffic. The estimates appear in the decision log.
+
+Only successes teach the model. A failed request (a 5xx, an endpoint the gateway could not reach,
+no response in time) would otherwise look like the fastest request there is: instead it pulls
+the endpoint's calibration toward the maximum, and its booking stays on the endpoint for as long
+as the request was predicted to take, so a backend that fails at once never looks idle or fast.
+A client's 4xx or a disconnect just releases the booking.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from epp.datastore.endpoint import Endpoint
+from epp.scheduling.attributes import cached_tokens
 from epp.scheduling.estimates import transfer_estimates
-from epp.scheduling.framework import ConfigError, CycleState, LLMRequest, SchedulingResult
+from epp.scheduling.framework import CycleState, LLMRequest, SchedulingResult
+from epp.scheduling.latency_model import calibrated, delay_to_others, penalised, unloaded_speeds
+from epp.scheduling.latency_model import number as _number
 from epp.scheduling.registry import PluginContext, register
 
 STATE_KEY = "predicted-latency"
-CALIBRATION_ALPHA = 0.1
 
 
 @dataclass(slots=True)
@@ -82,6 +94,8 @@ class PredictedLatencyScorer:
         self.calibration: dict[str, float] = {}  # endpoint key -> EWMA of observed / predicted E2E
         self._flights: dict[str, dict[int, Flight]] = {}  # endpoint key -> id(request) -> flight
         self._where: dict[int, str] = {}  # id(request) -> endpoint key
+        self._held: list[tuple[float, int, str]] = []  # heap of failed bookings still counted: (until, booking key, endpoint)
+        self._held_ids = itertools.count(-1, -1)  # their booking keys: negative, never an id()
         self._last: dict[str, dict[str, float]] | None = None
 
     # -- the model --------------------------------------------------------------------------------
@@ -91,27 +105,24 @@ class PredictedLatencyScorer:
         return max(0.0, end - now)
 
     def _speeds(self, e: Endpoint, k: int) -> tuple[float, float]:
-        m = e.metrics
-        tps = m.prefill_tokens_per_second or self.default_prefill_tps
-        spt = m.decode_seconds_per_token
-        spt = spt / (1.0 + self.batch_slowdown * max(0, k - 1)) if spt else self.default_decode_spt
-        return tps, spt
+        return unloaded_speeds(e.metrics, k, self.default_prefill_tps, self.default_decode_spt, self.batch_slowdown)
 
     def _delay(self, flights: Sequence[Flight], n: int, spt: float, now: float) -> float:
         """Extra seconds this request's decode adds to the requests already decoding (or about to) on the endpoint."""
-        if not flights or self.batch_slowdown <= 0:
-            return 0.0
-        per_token = spt * (1.0 + self.batch_slowdown * (len(flights) - 1))
-        total = 0
-        for f in flights:
-            decoding_since = f.stage_end + spt
-            done = (now - decoding_since) / per_token if now > decoding_since else 0.0
-            total += min(max(0.0, f.output_tokens - done), n - 1)
-        return self.batch_slowdown * spt * total
+        return delay_to_others(self.batch_slowdown, flights, n, spt, now)
+
+    def _drop_held(self, now: float) -> None:
+        held = self._held
+        while held and held[0][0] <= now:
+            _, rid, key = heapq.heappop(held)
+            self._flights.get(key, {}).pop(rid, None)
 
     def estimate(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> dict[str, dict[str, float]]:
         now = self.clock()
+        if self._held and self._held[0][0] <= now:
+            self._drop_held(now)
         transfer = transfer_estimates(state, request, endpoints)
+        cached = cached_tokens(state)  # a prefix the endpoint holds is not prefilled again
         n = request.max_tokens or self.default_output_tokens
         out = {}
         wall = time.monotonic()  # metrics carry monotonic timestamps, whatever clock the bookings use
@@ -122,7 +133,7 @@ class PredictedLatencyScorer:
             flights = list(self._flights.get(e.key, {}).values())
             k = len(flights)
             tps, spt = self._speeds(e, k)
-            prefill = request.prompt_tokens / tps
+            prefill = max(0, request.prompt_tokens - cached.get(e.key, 0)) / tps
             xfer = transfer.get(e.key, 0.0)
             wait = self._wait(e.key, now)
             ttft = wait + prefill + xfer + spt
@@ -166,26 +177,31 @@ class PredictedLatencyScorer:
         key = self._where.pop(id(request), None)
         if key is None:
             return
-        flight = self._flights.get(key, {}).pop(id(request), None)
-        if flight is not None and outcome == "success" and flight.predicted > 0:
-            ratio = min(3.0, max(0.5, (self.clock() - flight.routed_at) / flight.predicted))
-            old = self.calibration.get(key, 1.0)
-            self.calibration[key] = (1 - CALIBRATION_ALPHA) * old + CALIBRATION_ALPHA * ratio
+        flights = self._flights.get(key, {})
+        flight = flights.pop(id(request), None)
+        if flight is None:
+            return
+        now = self.clock()
+        if outcome == "success" and flight.predicted > 0:
+            self.calibration[key] = calibrated(self.calibration.get(key, 1.0), now - flight.routed_at, flight.predicted)
+        elif outcome == "error":
+            self.calibration[key] = penalised(self.calibration.get(key, 1.0))
+            end = flight.routed_at + flight.predicted
+            if end > now:
+                rid = next(self._held_ids)
+                flights[rid] = flight
+                heapq.heappush(self._held, (end, rid, key))
 
     def forget_endpoint(self, endpoint: Endpoint) -> None:
         for rid in self._flights.pop(endpoint.key, {}):
             self._where.pop(rid, None)
+        self._held = [h for h in self._held if h[2] != endpoint.key]
+        heapq.heapify(self._held)
         self.calibration.pop(endpoint.key, None)
 
 
 def _ms(est: Mapping[str, Mapping[str, float]], field: str) -> dict[str, float]:
     return {k: round(v[field] * 1000, 2) for k, v in est.items() if v[field] > 0}
-
-
-def _number(name: str, field: str, v: Any, *, positive: bool) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (positive and v == 0):
-        raise ConfigError(f"plugin {name!r}: {field} must be a {'positive number' if positive else 'number >= 0'}, got {v!r}")
-    return float(v)
 
 
 @register("predicted-latency-scorer")

@@ -42,6 +42,9 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
             summary[metric][stat] = statistics.median(m[metric][stat] for m in matches)
         share = statistics.median(m["by_backend"].get("nvlink", {}).get("share", 0.0) for m in matches)
         summary["by_backend"] = {"nvlink": {"share": share}}
+        hits = [m["prefix_cache"]["hit_rate"] for m in matches if "prefix_cache" in m]
+        if hits:
+            summary["prefix_cache"] = {"hit_rate": statistics.median(hits)}
         summary["completed"] = sum(m["completed"] for m in matches)
         summary["requests"] = sum(m["requests"] for m in matches)
         out.append({"profile": prof, "scenario": scen, "runs": len(matches), "summary": summary})
@@ -64,13 +67,16 @@ def wins(runs: list[list[dict]], baseline: str) -> dict[str, dict[str, int]]:
 
 
 def table(rows: list[dict], win_counts: dict[str, dict[str, int]], nruns: int, baseline: str) -> str:
-    lines = [f"| scenario | profile | TTFT mean | TTFT p99 | E2E mean | E2E p99 | nvlink share | runs beating {baseline} on all four |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    hits = any("prefix_cache" in r["summary"] for r in rows)
+    lines = [f"| scenario | profile | TTFT mean | TTFT p99 | E2E mean | E2E p99 | nvlink share |{' prefix-cache hits |' if hits else ''}"
+             f" runs beating {baseline} on all four |",
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if hits else "") + "---:|"]
     for r in rows:
         s = r["summary"]
         w = "–" if r["profile"] == baseline else f"{win_counts.get(r['profile'], {}).get(r['scenario'], 0)}/{nruns}"
+        hit = (f" {s['prefix_cache']['hit_rate'] * 100:.1f}% |" if "prefix_cache" in s else " – |") if hits else ""
         lines.append(f"| {r['scenario']} | {r['profile']} | {s['ttft_s']['mean'] * 1000:.0f} ms | {s['ttft_s']['p99'] * 1000:.0f} ms | "
-                     f"{s['e2e_s']['mean'] * 1000:.0f} ms | {s['e2e_s']['p99'] * 1000:.0f} ms | {s['by_backend']['nvlink']['share'] * 100:.0f}% | {w} |")
+                     f"{s['e2e_s']['mean'] * 1000:.0f} ms | {s['e2e_s']['p99'] * 1000:.0f} ms | {s['by_backend']['nvlink']['share'] * 100:.0f}% |{hit} {w} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from epp.util.progress import progress
 
 from serving_benchmark.report import comparison_plot, comparison_table, summarize, write_run
 from serving_benchmark.runner import run_workload
-from serving_benchmark.workload import build_workload
+from serving_benchmark.workload import build_shared_prefix_workload, build_workload
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,12 +36,20 @@ def parser() -> argparse.ArgumentParser:
     a("--max_request_len", type=int, default=2048, help="prompt + output tokens cap (default: %(default)s)")
     a("--max_output_tokens", type=int, default=64, help="output tokens cap (default: %(default)s)")
     a("--dataset_path", default=None, help="ShareGPT-format JSON; synthetic ShareGPT-like lengths when absent")
+    a("--workload", choices=("sharegpt", "shared-prefix"), default="sharegpt",
+      help="sharegpt: independent prompts (--dataset_path or synthetic); shared-prefix: multi-turn chats behind one system "
+           "prompt (default: %(default)s)")
+    a("--system_prompt_tokens", type=int, default=2000, help="shared-prefix: tokens of the common system prompt (default: %(default)s)")
+    a("--turns", type=int, default=4, help="shared-prefix: turns per conversation (default: %(default)s)")
+    a("--user_tokens", type=int, default=150, help="shared-prefix: tokens per user message, ±30%% (default: %(default)s)")
+    a("--reply_tokens", type=int, default=100, help="shared-prefix: tokens per assistant reply in the history, ±30%% (default: %(default)s)")
     a("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
     a("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="model name in requests (default: %(default)s)")
     a("--warmup", type=int, default=8, help="unmeasured requests before each profile (default: %(default)s)")
     a("--output-dir", default="bench-results", help="where files go (default: %(default)s)")
     a("--log_filename", "--name", dest="name", default="bench", help="base name of the output files (default: %(default)s)")
     a("--repeat", type=int, default=1, help="run the whole comparison this many times and add a median table (default: %(default)s)")
+    a("--baseline", default="proxy-performance", help="profile the median table compares the others with (default: %(default)s)")
     a("--topology", default=None, help="local stack topology YAML (see epp-stack)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
@@ -74,6 +82,20 @@ def scenarios(dists: str, qps: str) -> list[tuple[str, float]]:
     return out
 
 
+def make_workload(args: argparse.Namespace, qps: float, dist: str) -> list:
+    if args.workload == "shared-prefix":
+        return build_shared_prefix_workload(args.random_prompt_count, qps, dist, args.max_output_tokens, args.seed,
+                                            system_tokens=args.system_prompt_tokens, turns=args.turns, user_tokens=args.user_tokens,
+                                            reply_tokens=args.reply_tokens)
+    return build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed, args.dataset_path)
+
+
+def cache_hits(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The engines' prefix-cache hit rate over a run: prompt tokens found cached / prompt tokens looked up."""
+    queried, hit = after["queries"] - before["queries"], after["hits"] - before["hits"]
+    return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried > 0 else 0.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.repeat > 1:
@@ -87,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if code != 0:
                 return code
             runs.append(run_dir)
-        print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name))
+        print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name, args.baseline))
         return 0
     profiles = [p.strip() for p in (args.compare_profiles or args.profile).split(",") if p.strip()]
     scens = scenarios(args.distribution, args.qps)
@@ -117,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_workload(url, args.model, [w for w in warm]))
             for dist, qps in scens:
                 scen = dist if dist == "burst" else f"{dist}@{qps:g}"
-                workload = build_workload(args.random_prompt_count, qps, dist, args.max_request_len, args.max_output_tokens, args.seed,
-                                          args.dataset_path)
+                workload = make_workload(args, qps, dist)
+                if stack is not None:
+                    stack.reset_prefix_caches()  # every profile starts from cold engine caches
+                    before = stack.prefix_cache_counters()
                 with progress(len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
                     results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
                 summary = summarize(results, duration, backend_of, name_of)
+                if stack is not None:
+                    summary["prefix_cache"] = cache_hits(before, stack.prefix_cache_counters())
                 name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
                 meta = {"profile": profile, "scenario": scen, "distribution": dist, "qps": qps, "seed": args.seed,
                         "random_prompt_count": args.random_prompt_count, "max_request_len": args.max_request_len,
@@ -130,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 write_run(out, name, summary, results, meta)
                 rows.append({"profile": profile, "scenario": scen, "summary": summary})
                 t, e = summary["ttft_s"], summary["e2e_s"]
+                hits = f"  prefix hits {summary['prefix_cache']['hit_rate'] * 100:4.1f}%" if "prefix_cache" in summary else ""
                 print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
                       f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
-                      f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}", flush=True)
+                      f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}{hits}", flush=True)
     finally:
         if stack is not None:
             stack.stop()

@@ -77,14 +77,16 @@ def write_run(out_dir: Path, name: str, summary: dict, results: list[Result], me
 
 
 def comparison_table(rows: list[dict]) -> str:
-    lines = ["| scenario | profile | ok/total | TTFT mean | TTFT p99 | E2E mean | E2E p99 | nvlink share |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    hits = any("prefix_cache" in r["summary"] for r in rows)
+    lines = ["| scenario | profile | ok/total | TTFT mean | TTFT p99 | E2E mean | E2E p99 | nvlink share |" + (" prefix-cache hits |" if hits else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if hits else "")]
     for r in rows:
         s = r["summary"]
         nv = s["by_backend"].get("nvlink", {}).get("share", 0.0)
         ms = lambda d, k: f"{d.get(k, float('nan')) * 1000:.0f} ms"  # noqa: E731
+        hit = f" {s['prefix_cache']['hit_rate'] * 100:.1f}% |" if "prefix_cache" in s else (" – |" if hits else "")
         lines.append(f"| {r['scenario']} | {r['profile']} | {s['completed']}/{s['requests']} | {ms(s['ttft_s'], 'mean')} | {ms(s['ttft_s'], 'p99')} | "
-                     f"{ms(s['e2e_s'], 'mean')} | {ms(s['e2e_s'], 'p99')} | {nv * 100:.0f}% |")
+                     f"{ms(s['e2e_s'], 'mean')} | {ms(s['e2e_s'], 'p99')} | {nv * 100:.0f}% |{hit}")
     return "\n".join(lines)
 
 

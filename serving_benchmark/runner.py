@@ -32,11 +32,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, r: Request, star
     delay = start + r.at - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
-    body = {"model": model, "prompt": r.prompt, "max_tokens": r.output_tokens, "stream": True, "ignore_eos": True}
+    body = {"model": model, "max_tokens": r.output_tokens, "stream": True, "ignore_eos": True}
+    if r.messages is not None:
+        body["messages"], path = list(r.messages), "/v1/chat/completions"
+    else:
+        body["prompt"], path = r.prompt, "/v1/completions"
     t0 = time.perf_counter()
     ttft = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        async with client.stream("POST", f"{url}{path}", json=body) as resp:
             endpoint = resp.headers.get("x-gateway-destination-endpoint-served", "")
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")[:200]

@@ -21,6 +21,7 @@ class Request:
     prompt_tokens: int
     output_tokens: int
     at: float  # seconds after the start
+    messages: tuple[dict[str, str], ...] | None = None  # a chat (sent to /v1/chat/completions) instead of `prompt`
 
 
 def _text(rng: random.Random, tokens: int) -> str:
@@ -76,3 +77,36 @@ def build_workload(count: int, qps: float, distribution: str, max_request_len: i
         return [Request(i, p, pt, ot, times[i]) for i, (p, pt, ot) in enumerate(items)]
     lengths = synthetic_lengths(rng, count, max_request_len, max_output)
     return [Request(i, _text(rng, pt), pt, ot, times[i]) for i, (pt, ot) in enumerate(lengths)]
+
+
+def build_shared_prefix_workload(count: int, qps: float, distribution: str, max_output: int, seed: int, *,
+                                 system_tokens: int = 2000, turns: int = 4, user_tokens: int = 150,
+                                 reply_tokens: int = 100) -> list[Request]:
+    """Multi-turn chats behind one common system prompt: the workload prefix caching is for.
+
+    ⌈count / turns⌉ conversations; arrival i is turn ⌊i / conversations⌋ of conversation
+    i mod conversations, so every conversation's turns are `conversations / qps` seconds apart
+    and each turn's prompt is the system prompt, the previous turns (user message and a
+    `reply_tokens` assistant reply each) and a new user message. Lengths vary ±30% per message.
+    """
+    if turns < 1 or system_tokens < 0 or user_tokens < 1 or reply_tokens < 0:
+        raise ValueError("shared-prefix workload: turns and user tokens must be ≥ 1, system and reply tokens ≥ 0")
+    rng = random.Random(seed)
+    times = arrivals(random.Random(seed + 1), count, qps, distribution)
+    conversations = max(1, -(-count // turns))
+    system = _text(rng, system_tokens)
+
+    def vary(n: int) -> int:
+        return max(1, int(n * rng.uniform(0.7, 1.3)))
+
+    histories: list[list[dict[str, str]]] = [[{"role": "system", "content": system}] if system_tokens else [] for _ in range(conversations)]
+    out = []
+    for i in range(count):
+        chat = histories[i % conversations]
+        if chat and chat[-1]["role"] == "user":  # the previous turn's reply joins the history
+            chat.append({"role": "assistant", "content": _text(rng, vary(reply_tokens))})
+        chat.append({"role": "user", "content": _text(rng, vary(user_tokens))})
+        tokens = sum(len(m["content"]) for m in chat) // 4
+        out.append(Request(i, "", tokens, int(min(max_output, max(4, rng.lognormvariate(math.log(max_output / 2), 0.6)))), times[i],
+                           tuple(dict(m) for m in chat)))
+    return out

@@ -1,4 +1,7 @@
-"""`vllm-sim`: run one simulated vLLM instance (prefill, decode or both)."""
+"""`vllm-sim`: run one simulated vLLM instance (prefill, decode or both).
+
+Signals: SIGUSR1 kills the engine now (the seed's IndexError → EngineDeadError), SIGUSR2 hangs it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from aiohttp import web
 
 from kv_transfer import KVShape, LinkModel
 from vllm_sim.engine import LatencyModel
+from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.kv_io import KVConfig
 from vllm_sim.server import Faults, SimConfig, Simulator
 
@@ -29,11 +33,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=32, help="running batch size; more requests wait")
     g.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV blocks for usage accounting")
     g.add_argument("--max-tokens", type=int, default=16, help="output tokens when the request does not say")
+    g = p.add_argument_group("prefix caching (as vLLM)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="cache full prompt blocks; a cached prefix is not prefilled again")
+    g.add_argument("--kv-events-config", default=None, metavar="JSON",
+                   help='publish KV-cache events over ZMQ, e.g. \'{"enable_kv_cache_events":true,"publisher":"zmq",'
+                        '"endpoint":"tcp://127.0.0.1:5557","topic":"kv@10.0.0.1:8000@MODEL"}\'')
     g = p.add_argument_group("KV transfer")
     g.add_argument("--kv-backend", choices=("nccl", "fs", "none"), default="none", help="how KV moves from prefill to decode")
     g.add_argument("--kv-port", type=int, default=0, help="decode (nccl): KV listen port named in P2P request ids")
     g.add_argument("--kv-dir", default="/tmp/inference-epp-kv", help="fs: shared directory")
-    g.add_argument("--kv-timeout", type=float, default=30.0, help="decode: seconds to wait for a request's KV")
+    g.add_argument("--kv-timeout", type=float, default=5.0,
+                   help="decode: seconds for a request's KV to start arriving (the prefill delivers it before it answers)")
+    g.add_argument("--kv-link-timeout", type=float, default=10.0,
+                   help="nccl: seconds to connect a KV link and for each step of a transfer under way (an idle link never times out)")
     g.add_argument("--proxy-heartbeat", default=None, metavar="HOST:PORT",
                    help="register with a P/D proxy by P2pNcclConnector heartbeats (vLLM's proxy_ip:proxy_port)")
     g.add_argument("--heartbeat-interval", type=float, default=3.0, help="seconds between heartbeats")
@@ -47,12 +60,23 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("failure injection")
     g.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500")
     g.add_argument("--hang-rate", type=float, default=0.0, help="share of requests that never answer")
-    g.add_argument("--die-after", type=int, default=0, help="decode engine dies on this request number (0 = never)")
+    g.add_argument("--die-after", type=int, default=0,
+                   help="the engine dies (IndexError → EngineDeadError) on this request number: running requests fail, "
+                        "/health answers 503 (0 = never; SIGUSR1 = now)")
+    g.add_argument("--hang-after", type=int, default=0,
+                   help="the engine hangs on this request number: nothing progresses, /health still 200 (0 = never; SIGUSR2 = now)")
+    g.add_argument("--keep-alive-on-engine-death", action="store_true",
+                   default=os.environ.get("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "").lower() in ("1", "true"),
+                   help="stay up answering 500 after the engine died, instead of exiting after vLLM's 5 s watchdog "
+                        "(vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, read from the environment)")
     g.add_argument("--seed", type=int, default=0, help="random seed (deterministic faults)")
     return p
 
 
 def config_from(args: argparse.Namespace) -> SimConfig:
+    events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
+    if events is not None and not args.enable_prefix_caching:
+        raise ValueError("--kv-events-config needs prefix caching; drop --no-enable-prefix-caching")
     shape = KVShape(args.num_layers, args.num_kv_heads, args.head_dim, args.block_size, args.dtype)
     return SimConfig(
         model=args.model,
@@ -60,14 +84,18 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         latency=LatencyModel(args.prefill_tokens_per_second, args.decode_ms_per_token, args.batch_slowdown, args.max_num_seqs,
                              args.num_gpu_blocks, args.block_size),
         kv=KVConfig(args.kv_backend, shape, args.host, args.kv_port, args.kv_dir, LinkModel.from_gbps(args.link_gbps, args.link_latency_ms)
-                    if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout),
-        faults=Faults(args.error_rate, args.hang_rate, args.die_after),
+                    if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout,
+                    link_timeout=args.kv_link_timeout),
+        faults=Faults(args.error_rate, args.hang_rate, args.die_after, args.hang_after, args.keep_alive_on_engine_death),
         seed=args.seed,
         default_max_tokens=args.max_tokens,
+        prefix_caching=args.enable_prefix_caching,
+        kv_events=events,
     )
 
 
-async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = None, interval: float = 3.0) -> None:
+async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = None, interval: float = 3.0) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until a dead engine's watchdog stops the server (1)."""
     sim = Simulator(cfg)
     runner = web.AppRunner(sim.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
@@ -79,14 +107,16 @@ async def serve(cfg: SimConfig, host: str, port: int, heartbeat: str | None = No
         beats = asyncio.create_task(send_heartbeats(heartbeat, cfg.role, f"{host}:{port}", sim.kv.address, interval))
     print(f"vllm-sim {cfg.role} serving {cfg.model} on http://{host}:{port} (kv: {cfg.kv.backend}"
           f"{', listening on ' + sim.kv.address if cfg.role == 'decode' and cfg.kv.backend == 'nccl' else ''})", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, sim.shutdown.set)
+    loop.add_signal_handler(signal.SIGUSR1, sim.engine.faults.die)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: sim.hang_engine("SIGUSR2"))
+    await sim.shutdown.wait()
     if beats is not None:
         beats.cancel()
     await runner.cleanup()
+    return sim.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_backend == "nccl" and args.role == "decode" and not args.kv_port:
         print("vllm-sim: --kv-port is required for a decode instance with --kv-backend nccl", file=sys.stderr)
         return 2
-    asyncio.run(serve(config_from(args), args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
+    try:
+        cfg = config_from(args)
+    except ValueError as e:
+        print(f"vllm-sim: {e}", file=sys.stderr)
+        return 2
+    code = asyncio.run(serve(cfg, args.host, args.port, args.proxy_heartbeat, args.heartbeat_interval))
     sys.stdout.flush()
-    os._exit(0)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
+    os._exit(code)  # KV receiver threads may sit in a blocking recv; leave without waiting for them
 
 
 if __name__ == "__main__":

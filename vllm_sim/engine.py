@@ -1,7 +1,9 @@
 """The latency model: a batch of at most max-num-seqs sequences, a waiting queue, KV blocks.
 
-prefill time = prompt_tokens / prefill_tokens_per_second (one sequence prefills at a time, as
-chunked prefill of one long prompt would); per-token decode time grows with the running batch:
+prefill time = uncached prompt tokens / prefill_tokens_per_second (one sequence prefills at a
+time, as chunked prefill of one long prompt would; those waiting for their turn count as
+waiting; the prefix cache, `prefix_cache.py`, says what is cached); per-token decode time grows
+with the running batch:
 decode_ms_per_token × (1 + batch_slowdown × (running − 1)).
 """
 
@@ -10,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+from vllm_sim.faults import EngineFaults
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Engine:
 
     def __init__(self, model: LatencyModel) -> None:
         self.model = model
+        self.faults = EngineFaults()  # every wait below goes through it: death and hangs reach all requests
         self._slots = asyncio.Semaphore(model.max_num_seqs)
         self._prefill_lock = asyncio.Lock()
         self.running = 0
@@ -47,6 +53,7 @@ class Engine:
         return max(1, math.ceil(tokens / self.model.block_size))
 
     async def admit(self) -> None:
+        self.faults.check()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -59,9 +66,24 @@ class Engine:
         self.used_blocks -= blocks
         self._slots.release()
 
-    async def prefill(self, prompt_tokens: int) -> None:
-        async with self._prefill_lock:
-            await asyncio.sleep(self.model.prefill_seconds(prompt_tokens))
+    async def prefill(self, prompt_tokens: int, cached: Callable[[], int] | None = None) -> int:
+        """Prefill in turn; `cached()`, asked when the turn comes, gives the prompt tokens the prefix cache holds.
+
+        Until its turn comes a request has not been scheduled, and vLLM reports it as waiting.
+        """
+        self.running -= 1
+        self.waiting += 1
+        try:
+            await self._prefill_lock.acquire()
+        finally:
+            self.waiting -= 1
+            self.running += 1
+        try:
+            hit = cached() if cached is not None else 0
+            await self.faults.sleep(self.model.prefill_seconds(max(1, prompt_tokens - hit) if hit else prompt_tokens))
+            return hit
+        finally:
+            self._prefill_lock.release()
 
     async def next_token(self) -> None:
-        await asyncio.sleep(self.model.token_seconds(self.running))
+        await self.faults.sleep(self.model.token_seconds(self.running))

@@ -6,7 +6,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-from kv_transfer import KVShape, LinkModel, make_kv, verify_kv
+from kv_transfer import KVShape, KVTransferError, LinkModel, make_kv, verify_kv
 
 P2P_ID = re.compile(r"___prefill_addr_(?P<prefill>.+?)___decode_addr_(?P<decode>.+?)_(?P<uuid>[0-9a-f]{32})")
 
@@ -27,8 +27,9 @@ class KVConfig:
     kv_port: int = 0  # decode (nccl): where prefills connect
     kv_dir: str = "/tmp/inference-epp-kv"
     link: LinkModel = None  # type: ignore[assignment]
-    timeout: float = 30.0
+    timeout: float = 5.0  # decode: seconds for a request's KV to start arriving (it is normally there before the request)
     device: str = "cpu"
+    link_timeout: float = 10.0  # nccl: connecting, and each step of a transfer under way
 
 
 class KVSide:
@@ -42,9 +43,9 @@ class KVSide:
             from kv_transfer.p2p import P2PReceiver, P2PSender
 
             if role == "prefill":
-                self.sender = P2PSender(cfg.shape, link, cfg.device)
+                self.sender = P2PSender(cfg.shape, link, cfg.device, timeout=cfg.link_timeout)
             elif role == "decode":
-                self.receiver = P2PReceiver(cfg.kv_host, cfg.kv_port, cfg.shape, cfg.device)
+                self.receiver = P2PReceiver(cfg.kv_host, cfg.kv_port, cfg.shape, cfg.device, timeout=cfg.link_timeout)
         elif cfg.backend == "fs":
             from kv_transfer.shared_fs import FsReceiver, FsSender
 
@@ -52,30 +53,37 @@ class KVSide:
                 self.sender = FsSender(cfg.kv_dir, cfg.shape, link)
             elif role == "decode":
                 self.receiver = FsReceiver(cfg.kv_dir, cfg.shape)
-        self._pending: set[asyncio.Task] = set()
 
     @property
     def address(self) -> str:
         return f"{self.cfg.kv_host}:{self.cfg.kv_port}"
 
     async def send(self, request_id: str, prompt_tokens: int) -> None:
-        """Produce this request's KV and push it; nccl pushes in the background like vLLM's P2P engine."""
+        """Produce this request's KV and push it before the prefill answers (vLLM's synchronous PUT).
+
+        Raises KVTransferError when it cannot be delivered, so the prefill answers an error at once
+        and the proxy never sends a decode to wait for KV that is not coming.
+        """
         if self.sender is None:
             return
         blocks = self.cfg.shape.blocks_for(prompt_tokens)
         layers = await asyncio.to_thread(make_kv, request_id, blocks, self.cfg.shape)
         if self.cfg.backend == "nccl":
             _, decode_addr = parse_p2p_request_id(request_id)
-            task = asyncio.create_task(asyncio.to_thread(self.sender.send, decode_addr, request_id, layers))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            await asyncio.to_thread(self.sender.send, decode_addr, request_id, layers)
         else:
             await asyncio.to_thread(self.sender.send, request_id, layers)
 
     async def receive(self, request_id: str) -> int:
-        """Wait for and verify this request's KV; returns the number of blocks received."""
+        """Wait for and verify this request's KV; returns the number of blocks received.
+
+        Raises KVTransferError (broke off, unreadable, wrong bytes) or TimeoutError (never began).
+        """
         if self.receiver is None:
             return 0
         item = await self.receiver.wait_for(request_id, self.cfg.timeout)
-        await asyncio.to_thread(verify_kv, request_id, item.layers, self.cfg.shape)
+        try:
+            await asyncio.to_thread(verify_kv, request_id, item.layers, self.cfg.shape)
+        except ValueError as e:
+            raise KVTransferError(str(e)) from None
         return item.layers[0].shape[1]

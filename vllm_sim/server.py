@@ -13,8 +13,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kv_transfer import KVTransferError
 from vllm_sim.engine import Engine, LatencyModel
+from vllm_sim.kv_events import KVEventPublisher, KVEventsConfig
+from vllm_sim.faults import SEED_CRASH, EngineDeadError
 from vllm_sim.kv_io import KVConfig, KVSide
+from vllm_sim.prefix_cache import BlockPool, prompt_token_ids
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -24,7 +28,10 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class Faults:
     error_rate: float = 0.0  # share of requests answered 500
     hang_rate: float = 0.0  # share of requests that never answer (until the client goes away)
-    die_after: int = 0  # decode: engine dies (IndexError) on this request number; then every request fails
+    die_after: int = 0  # the engine dies (the seed's IndexError) on this request number: see vllm_sim/faults.py
+    hang_after: int = 0  # the whole engine hangs on this request number
+    keep_alive_on_death: bool = False  # vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH: stay up (answering 500) instead of exiting
+    death_exit_after: float = 5.0  # vLLM's watchdog period: the server exits this long after the engine died
 
 
 @dataclass
@@ -36,17 +43,8 @@ class SimConfig:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     default_max_tokens: int = 16
-
-
-def estimate_tokens(body: dict) -> int:
-    if "messages" in body:
-        text = " ".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-    else:
-        p = body.get("prompt", "")
-        if isinstance(p, list) and p and isinstance(p[0], int):
-            return len(p)
-        text = p if isinstance(p, str) else " ".join(map(str, p))
-    return max(1, len(text) // 4)
+    prefix_caching: bool = True
+    kv_events: KVEventsConfig | None = None
 
 
 class Simulator:
@@ -56,7 +54,9 @@ class Simulator:
         self.kv = KVSide(cfg.role, cfg.kv)
         self.rng = random.Random(cfg.seed)
         self.requests_seen = 0
-        self.dead: str | None = None
+        self.shutdown = asyncio.Event()  # set to stop serving: a signal, or the watchdog after engine death
+        self.exit_code = 0
+        self.engine.faults.on_death(self._engine_died)
         r = self.registry = CollectorRegistry()
         labels = ("model_name", "engine")
         self.g_running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r)
@@ -72,14 +72,35 @@ class Simulator:
         self.c_success = Counter("vllm:request_success", "Finished requests.", (*labels, "finished_reason"), registry=r)
         self.g_cache_info.labels(str(cfg.latency.block_size), str(cfg.latency.num_gpu_blocks), "0").set(1)
         self._l = (cfg.model, "0")
+        self.events = KVEventPublisher(cfg.kv_events) if cfg.kv_events is not None else None
+        self.cache = (BlockPool(cfg.latency.num_gpu_blocks, cfg.latency.block_size, self.events.publish if self.events else None)
+                      if cfg.prefix_caching else None)
+        self.c_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r)
+        self.c_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r)
+
+    @property
+    def dead(self) -> str | None:
+        return self.engine.faults.dead
+
+    def _engine_died(self, reason: str) -> None:
+        f = self.cfg.faults
+        print(f"vllm-sim: EngineCore encountered a fatal error: {reason}; the engine is dead (EngineDeadError)"
+              + ("" if f.keep_alive_on_death else f", shutting down in {f.death_exit_after:g}s"), flush=True)
+        if not f.keep_alive_on_death:
+            asyncio.get_running_loop().call_later(f.death_exit_after, self._exit, 1)
+
+    def _exit(self, code: int) -> None:
+        self.exit_code = code
+        self.shutdown.set()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._json_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         return app
 
     # -- plain routes ---------------------------------------------------------------------------
@@ -89,6 +110,13 @@ class Simulator:
     async def health(self, request: web.Request) -> web.Response:
         if self.dead:
             return web.Response(status=503, text=f"engine dead: {self.dead}")
+        return web.Response(text="")
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if self.cache is None:
+            return web.Response(text="prefix caching is disabled")
+        if not self.cache.reset():
+            return self._error(409, "prefix cache not reset: running requests still hold blocks; retry when idle", "ConflictError")
         return web.Response(text="")
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -103,6 +131,37 @@ class Simulator:
     def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
         return web.json_response({"error": {"message": message, "type": kind, "code": status}, "object": "error"}, status=status)
 
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every error as vLLM-style JSON: no default aiohttp pages, no tracebacks in the log."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return self._error(e.status, e.reason, "NotFoundError" if e.status == 404 else "BadRequestError")
+        except EngineDeadError as e:
+            return self._error(500, f"EngineDeadError: {e}", "InternalServerError")
+        except ConnectionResetError:
+            return _abandon(request)  # the client went away: nothing to answer, nothing to log
+        except Exception as e:  # noqa: BLE001 -- one line in the log, a JSON answer to the client
+            print(f"vllm-sim: {request.method} {request.path} failed: {type(e).__name__}: {e}", flush=True)
+            if request.writer is not None and request.writer.output_size > 0:
+                return _abandon(request)  # a response already started: end the connection, the client sees it cut
+            return self._error(500, f"{type(e).__name__}: {e}", "InternalServerError")
+
+    def _fault_before(self) -> None:
+        """Engine-level faults triggered by request count (--die-after, --hang-after)."""
+        f, engine_faults = self.cfg.faults, self.engine.faults
+        if f.die_after and self.requests_seen >= f.die_after:
+            engine_faults.die(SEED_CRASH)
+        if f.hang_after and self.requests_seen >= f.hang_after and not engine_faults.hung:
+            self.hang_engine(f"request {self.requests_seen}")
+
+    def hang_engine(self, cause: str) -> None:
+        print(f"vllm-sim: engine hung ({cause}): no request makes progress; /health still answers 200", flush=True)
+        self.engine.faults.hang()
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("/chat/completions")
         try:
@@ -113,20 +172,19 @@ class Simulator:
             return self._error(400, "request body must be a JSON object")
         if body.get("model") not in (None, self.cfg.model):
             return self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
-        if self.dead:
-            return self._error(500, f"engine dead: {self.dead}", "InternalServerError")
+        self.engine.faults.check()
         self.requests_seen += 1
+        self._fault_before()
+        self.engine.faults.check()
         faults = self.cfg.faults
-        if faults.die_after and self.cfg.role != "prefill" and self.requests_seen >= faults.die_after:
-            self.dead = "IndexError: list index out of range (in gpu_model_runner while receiving KV)"
-            return self._error(500, self.dead, "InternalServerError")
         roll = self.rng.random()
         if roll < faults.error_rate:
             return self._error(500, "injected failure", "InternalServerError")
         if roll < faults.error_rate + faults.hang_rate:
             await asyncio.Event().wait()  # until the client disconnects (aiohttp cancels the handler)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        prompt_tokens = estimate_tokens(body)
+        token_ids = prompt_token_ids(body)
+        prompt_tokens = max(1, len(token_ids))
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
         if self.cfg.role == "prefill":
             max_tokens = 1
@@ -136,24 +194,27 @@ class Simulator:
         await engine.admit()
         blocks = engine.blocks(prompt_tokens + int(max_tokens))
         engine.used_blocks += blocks
+        cache_key = uuid.uuid4().hex  # the client's request id may repeat; the block pool needs a unique one
         try:
             kv_wait = 0.0
             skip_kv = request.headers.get("X-KV-Transfer", "").lower() == "none"  # proxy's decode-only fallback
             if self.cfg.role == "decode" and self.kv.receiver is not None and not skip_kv:
                 tk = time.monotonic()
                 try:
-                    await self.kv.receive(request_id)
-                except (TimeoutError, ValueError) as e:
-                    return self._error(500, str(e), "InternalServerError")
+                    await self.engine.faults.guard(self.kv.receive(request_id))
+                except (TimeoutError, KVTransferError) as e:
+                    return self._error(500, str(e), "KVTransferError")
                 kv_wait = time.monotonic() - tk
                 self.h_kv_wait.labels(*self._l).observe(kv_wait)
             else:
-                await engine.prefill(prompt_tokens)
+                await self._prefill(token_ids, prompt_tokens, int(max_tokens), cache_key)
                 if self.cfg.role == "prefill":
                     try:
                         await self.kv.send(request_id, prompt_tokens)
                     except ValueError as e:
                         return self._error(400, str(e))
+                    except KVTransferError as e:
+                        return self._error(500, str(e), "KVTransferError")
             self.c_prompt.labels(*self._l).inc(prompt_tokens)
             ids = ("chatcmpl-" if chat else "cmpl-") + request_id + ("" if chat else "-0")
             headers = {"x-kv-transfer-seconds": f"{kv_wait:.6f}", "x-request-id": request_id}
@@ -161,6 +222,7 @@ class Simulator:
                 return await self._stream(request, ids, chat, int(max_tokens), prompt_tokens, t0, headers, body)
             for _ in range(int(max_tokens)):
                 await engine.next_token()
+                self.c_gen.labels(*self._l).inc()
                 if _ == 0:
                     self.h_ttft.labels(*self._l).observe(time.monotonic() - t0)
             text = " ".join(f"tok{i}" for i in range(int(max_tokens)))
@@ -172,22 +234,43 @@ class Simulator:
                                       "model": self.cfg.model, "choices": [choice], "usage": usage}, headers=headers)
         finally:
             engine.release(blocks)
+            if self.cache is not None:
+                self.cache.finish(cache_key)
+
+    async def _prefill(self, token_ids, prompt_tokens: int, max_tokens: int, cache_key: str) -> None:
+        """Prefill what the prefix cache does not hold; the new full blocks are cached when it ends."""
+        cache = self.cache
+        if cache is None:
+            await self.engine.prefill(prompt_tokens)
+            return
+        hit = await self.engine.prefill(prompt_tokens, lambda: cache.begin(cache_key, token_ids, max_tokens))
+        cache.stored(cache_key)
+        self.c_cache_queries.labels(*self._l).inc(len(token_ids))
+        self.c_cache_hits.labels(*self._l).inc(hit)
 
     async def _stream(self, request, ids, chat, max_tokens, prompt_tokens, t0, headers, body) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await resp.prepare(request)
         kind = "chat.completion.chunk" if chat else "text_completion"
         last = time.monotonic()
-        for i in range(max_tokens):
-            await self.engine.next_token()
-            now = time.monotonic()
-            if i == 0:
-                self.h_ttft.labels(*self._l).observe(now - t0)
-            else:
-                self.h_itl.labels(*self._l).observe(now - last)
-            last = now
-            delta = {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None} if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None}
-            await resp.write(b"data: " + json.dumps({"id": ids, "object": kind, "model": self.cfg.model, "choices": [delta]}).encode() + b"\n\n")
+        try:
+            for i in range(max_tokens):
+                await self.engine.next_token()
+                self.c_gen.labels(*self._l).inc()
+                now = time.monotonic()
+                if i == 0:
+                    self.h_ttft.labels(*self._l).observe(now - t0)
+                else:
+                    self.h_itl.labels(*self._l).observe(now - last)
+                last = now
+                delta = {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None} if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None}
+                await resp.write(b"data: " + json.dumps({"id": ids, "object": kind, "model": self.cfg.model, "choices": [delta]}).encode() + b"\n\n")
+        except EngineDeadError as e:
+            # as vLLM's serving layer: the status is already 200, so the error is the next event, then [DONE]
+            err = {"error": {"message": f"EngineDeadError: {e}", "type": "InternalServerError", "code": 500}}
+            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         final = {"id": ids, "object": kind, "model": self.cfg.model, "choices": [{"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}]}
         if (body.get("stream_options") or {}).get("include_usage", True):
             final["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens}
@@ -198,6 +281,12 @@ class Simulator:
         return resp
 
     def _finish(self, tokens: int, t0: float) -> None:
-        self.c_gen.labels(*self._l).inc(tokens)
         self.h_e2e.labels(*self._l).observe(time.monotonic() - t0)
         self.c_success.labels(*self._l, "length").inc()
+
+
+def _abandon(request: web.Request) -> web.Response:
+    """Close the connection under a response that cannot be completed; aiohttp then drops it quietly."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)

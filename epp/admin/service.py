@@ -10,7 +10,23 @@ from epp.admin.v1 import admin_pb2_grpc as pb_grpc
 from epp.datastore import Datastore, Endpoint
 
 
-def endpoint_info(e: Endpoint, now: float) -> pb.EndpointInfo:
+def health_info(snap: dict[str, Any]) -> pb.EndpointHealth:
+    h = pb.EndpointHealth(state=snap["state"], readiness_detail=snap["readiness"] or "", ejection_reason=snap.get("ejection_reason", ""),
+                          ejection_detail=snap.get("ejection_detail", ""), ejected_for_seconds=snap.get("ejected_for_seconds", 0.0),
+                          ejections=snap["ejections"], outcomes=snap["outcomes"], consecutive_5xx=snap["consecutive_5xx"],
+                          consecutive_gateway_failures=snap["consecutive_gateway_failures"], last_failure=snap.get("last_failure", ""),
+                          trial_in_flight=bool(snap.get("trial_in_flight")))
+    if snap["ready"] is not None:
+        h.ready = snap["ready"]
+    for field in ("last_failure_age_seconds", "ttfb_seconds"):
+        if field in snap:
+            setattr(h, field, snap[field])
+    for role, v in (snap.get("instances") or {}).items():
+        h.instances[role].up, h.instances[role].total = v["up"], v["total"]
+    return h
+
+
+def endpoint_info(e: Endpoint, now: float, health: Any = None) -> pb.EndpointInfo:
     m = e.metrics
     info = pb.EndpointInfo(name=e.key, address=e.address, port=e.port, labels=dict(e.labels), kv_backend=e.kv_backend,
                            scrape_error=m.error or "")
@@ -24,16 +40,20 @@ def endpoint_info(e: Endpoint, now: float) -> pb.EndpointInfo:
         prof = m.transfer_profile
         info.transfer_profile.extend(pb.TransferPoint(blocks=b, seconds=s) for b, s in zip(prof.blocks, prof.seconds))
         info.transfer_block_tokens = prof.block_tokens
+    snap = health.snapshot(e.key) if health is not None else None
+    if snap is not None:
+        info.health.CopyFrom(health_info(snap))
     return info
 
 
 class AdminService(pb_grpc.EndpointPickerAdminServicer):
-    def __init__(self, datastore: Datastore, loaded: Any, scheduler: Any) -> None:
-        self.datastore, self.loaded, self.scheduler = datastore, loaded, scheduler
+    def __init__(self, datastore: Datastore, loaded: Any, scheduler: Any, health: Any = None) -> None:
+        self.datastore, self.loaded, self.scheduler, self.health = datastore, loaded, scheduler, health
 
     async def ListEndpoints(self, request, context):  # noqa: N802 (gRPC name)
         now = time.monotonic()
-        return pb.ListEndpointsResponse(endpoints=[endpoint_info(e, now) for e in self.datastore.endpoints()], synced=self.datastore.synced)
+        return pb.ListEndpointsResponse(endpoints=[endpoint_info(e, now, self.health) for e in self.datastore.endpoints()],
+                                        synced=self.datastore.synced)
 
     async def DescribeScheduler(self, request, context):  # noqa: N802
         desc = self.scheduler.describe()

@@ -2,6 +2,7 @@
 
 from epp.config.loader import (
     BuiltConfig,
+    ConfigErrors,
     LoadedConfig,
     build,
     build_scheduler,
@@ -15,6 +16,7 @@ from epp.config.loader import (
 
 __all__ = [
     "BuiltConfig",
+    "ConfigErrors",
     "LoadedConfig",
     "build",
     "build_scheduler",

@@ -1,4 +1,8 @@
-"""`epp profiles list | show NAME | validate FILE`."""
+"""`epp profiles list | show NAME | validate FILE`.
+
+Exit status, as `epp serve`'s for the same config: 0 valid, 2 invalid (every problem printed, one
+per line with file:line and field). Deprecation warnings are printed but do not fail.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ def profiles_main(argv: Sequence[str]) -> int:
     sub.add_parser("list", help="list the profiles with what each one runs")
     s = sub.add_parser("show", help="print a profile's YAML")
     s.add_argument("name")
-    v = sub.add_parser("validate", help="load a config file (or a profile NAME) and report the first error")
+    v = sub.add_parser("validate", help="load a config file (or a profile NAME) and report every problem (exit 2) or 'valid' (exit 0)")
     v.add_argument("file")
+    v.add_argument("--allow-experimental-plugins", action="store_true", help="accept experimental (alpha) plugins, as the flag of `epp serve`")
     args = p.parse_args(list(argv))
     try:
         if args.cmd == "list":
@@ -27,7 +32,8 @@ def profiles_main(argv: Sequence[str]) -> int:
                 for prof in desc["profiles"].values():
                     scorers = ", ".join(f"{s['name']}×{s['weight']:g}" for s in prof["scorers"]) or "-"
                     parts.append(f"filters: {', '.join(prof['filters']) or '-'}; scorers: {scorers}; picker: {prof['picker']}")
-                print(f"{name:32} {' | '.join(parts)}")
+                producers = f"; producers: {', '.join(desc['producers'])}" if desc.get("producers") else ""
+                print(f"{name:32} {' | '.join(parts)}{producers}")
             return 0
         if args.cmd == "show":
             print(show_profile(args.name), end="")
@@ -40,7 +46,10 @@ def profiles_main(argv: Sequence[str]) -> int:
                 loaded = resolve_config(profile=path)
             else:
                 raise
-        desc = build(loaded).scheduler.describe()
+        built = build(loaded, allow_experimental=args.allow_experimental_plugins)
+        for warning in built.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        desc = built.scheduler.describe()
         print(f"{loaded.source}: valid")
         for name, prof in desc["profiles"].items():
             print(f"  profile {name}: filters={prof['filters']} scorers={[(s['name'], s['weight']) for s in prof['scorers']]} picker={prof['picker']}")

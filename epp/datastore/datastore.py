@@ -11,6 +11,7 @@ import threading
 from typing import Callable, Iterable
 
 from epp.datastore.endpoint import Endpoint, EndpointMetrics
+from epp.datastore.links import LinkProfiles
 
 RemovalListener = Callable[[Endpoint], None]
 
@@ -22,6 +23,7 @@ class Datastore:
         self._lock = threading.Lock()
         self._removal_listeners: list[RemovalListener] = []
         self._synced = threading.Event()
+        self.links = LinkProfiles()  # KV-transfer profiles per (prefill, decode) link
 
     # -- reads (hot path) -------------------------------------------------------------------
     def endpoints(self) -> tuple[Endpoint, ...]:

@@ -13,6 +13,21 @@ from typing import Mapping
 
 KV_BACKEND_LABEL = "llm-d.ai/kv-backend"
 ROLE_LABEL = "llm-d.ai/role"
+# llm-d's `llm-d.ai/role` values that can serve a stage (`both` is the deprecated `prefill-decode`).
+DECODE_ROLES = frozenset({"decode", "prefill-decode", "both", "encode-prefill-decode"})
+PREFILL_ROLES = frozenset({"prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"})
+ENCODE_ROLES = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
+
+
+def can_prefill(endpoint: "Endpoint") -> bool:
+    """What llm-d's prefill-filter keeps: a prefill-capable role (unlabelled pods are decode-only)."""
+    return endpoint.labels.get(ROLE_LABEL) in PREFILL_ROLES
+
+
+def can_decode(endpoint: "Endpoint") -> bool:
+    """What llm-d's decode-filter keeps: a decode-capable role, or no role label at all."""
+    role = endpoint.labels.get(ROLE_LABEL)
+    return role is None or role in DECODE_ROLES
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,12 @@ class EndpointMetrics:
     prefill_tokens_per_second: float | None = None  # measured prefill speed, if exported
     decode_seconds_per_token: float | None = None  # measured inter-token latency, if exported
     transfer_profile: TransferProfile | None = None
+    # A decode sidecar's measured profile per prefill peer (peer ip:port -> profile): the live links.
+    link_profiles: Mapping[str, TransferProfile] | None = None
+    # vllm:lora_requests_info (its latest series): adapters running / waiting, and the adapter slots
+    running_loras: frozenset[str] | None = None
+    waiting_loras: frozenset[str] | None = None
+    max_loras: int | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
     error: str | None = None  # last scrape error, if the last attempt failed
 

@@ -1,8 +1,11 @@
-"""Endpoints from an InferencePool and its Pods, by Kubernetes list/watch.
+"""Endpoints from an InferencePool and its Pods, by Kubernetes list/watch (or from pods by label alone).
 
 The pool (`inference.networking.k8s.io/v1`) gives `spec.selector.matchLabels` and
 `spec.targetPorts`; every Ready, non-terminating Pod matching the selector contributes one
-endpoint per target port (`<pod>-rank-<i>`, podIP:port, the pod's labels). Pods are listed, then
+endpoint per target port (`<pod>-rank-<i>`, podIP:port, the pod's labels). In standalone mode
+(--endpoint-selector, --endpoint-target-ports) the selector and ports come from the flags and no
+InferencePool is read. InferenceObjectives of the pool (llm-d.ai/v1alpha2, or GIE's
+inference.networking.x-k8s.io/v1alpha2) are polled for request priorities. Pods are listed, then
 watched from the list's resourceVersion; a watch that ends is resumed, a `410 Gone` (expired
 resourceVersion) triggers a relist, errors back off and retry, and a periodic resync re-reads the
 pool so selector and port changes take effect. The datastore is marked synced — and the EPP's
@@ -26,13 +29,16 @@ from urllib.parse import urlencode
 import aiohttp
 
 from epp.datastore import Datastore, Endpoint
+from epp.datastore.objectives import Objectives
 from epp.observability.logging import get_logger
+from epp.util.label_selector import Requirement, matches, parse_selector
 
 log = get_logger("epp.discovery.kubernetes")
 
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
+OBJECTIVE_APIS = ("llm-d.ai/v1alpha2", "inference.networking.x-k8s.io/v1alpha2")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -82,10 +88,20 @@ async def kubeconfig_credentials(path: str | None) -> Credentials:
     return Credentials(cfg.host.rstrip("/"), headers, ctx)
 
 
+async def load_credentials(kubeconfig: str | None) -> Credentials:
+    """A kubeconfig when one is given (or when not in a cluster), else the pod's service account."""
+    if kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return await kubeconfig_credentials(kubeconfig)
+    return in_cluster_credentials()
+
+
 @dataclass(frozen=True)
 class PoolSpec:
-    selector: dict[str, str]
+    """Which pods are endpoints, and on which ports: from an InferencePool, or from the standalone flags."""
+
+    selector: tuple[Requirement, ...]
     ports: tuple[int, ...]
+    selector_text: str  # what the API server filters on (labelSelector)
 
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> "PoolSpec":
@@ -97,10 +113,25 @@ class PoolSpec:
             ports = (int(spec["targetPortNumber"]),)
         if not match or not ports:
             raise ValueError("InferencePool needs spec.selector.matchLabels and spec.targetPorts")
-        return cls({str(k): str(v) for k, v in match.items()}, ports)
+        text = ",".join(f"{k}={v}" for k, v in sorted((str(k), str(v)) for k, v in match.items()))
+        return cls(tuple(parse_selector(text)), ports, text)
+
+    @classmethod
+    def standalone(cls, selector: str, ports: list[int] | tuple[int, ...]) -> "PoolSpec":
+        """--endpoint-selector (Kubernetes selector syntax) and --endpoint-target-ports (1–8 ports)."""
+        ports = tuple(dict.fromkeys(int(p) for p in ports))
+        if not 1 <= len(ports) <= 8:
+            raise ValueError("--endpoint-target-ports needs 1 to 8 ports, e.g. --endpoint-target-ports=8000,8001")
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"--endpoint-target-ports: ports must be 1-65535, got {list(ports)}")
+        try:
+            reqs = parse_selector(selector)
+        except ValueError as e:
+            raise ValueError(f"--endpoint-selector: {e}") from None
+        return cls(tuple(reqs), ports, selector)
 
     def label_selector(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
+        return self.selector_text
 
 
 def pod_endpoints(pod: dict[str, Any], pool: PoolSpec, namespace: str) -> list[Endpoint]:
@@ -110,7 +141,7 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec, namespace: str) -> list[E
         return []
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     labels = meta.get("labels") or {}
-    if not ready or any(labels.get(k) != v for k, v in pool.selector.items()):
+    if not ready or not matches(list(pool.selector), labels):
         return []
     active = (meta.get("annotations") or {}).get(ACTIVE_PORTS_ANNOTATION)
     allowed = {int(p) for p in active.split(",") if p.strip().isdigit()} if active else None
@@ -123,11 +154,14 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec, namespace: str) -> list[E
 
 class InferencePoolDiscovery:
     def __init__(self, datastore: Datastore, pool_name: str, namespace: str, credentials: Credentials | None = None,
-                 kubeconfig: str | None = None, resync_period: float = 60.0, watch_timeout: int = 300, backoff: float = 1.0) -> None:
+                 kubeconfig: str | None = None, resync_period: float = 60.0, watch_timeout: int = 300, backoff: float = 1.0,
+                 standalone: PoolSpec | None = None, objectives: Objectives | None = None, objective_poll: float = 5.0) -> None:
         self.datastore, self.pool_name, self.namespace = datastore, pool_name, namespace
         self.credentials, self.kubeconfig = credentials, kubeconfig
         self.resync_period, self.watch_timeout, self.backoff = resync_period, watch_timeout, backoff
-        self.pool: PoolSpec | None = None
+        self.standalone = standalone  # pods by label from the flags; no InferencePool
+        self.objectives, self.objective_poll = objectives, objective_poll
+        self.pool: PoolSpec | None = standalone
         self._pods: dict[str, list[Endpoint]] = {}
         self.relists = 0
 
@@ -137,30 +171,37 @@ class InferencePoolDiscovery:
 
     async def _credentials(self) -> Credentials:
         if self.credentials is None:
-            if self.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
-                self.credentials = await kubeconfig_credentials(self.kubeconfig)
-            else:
-                self.credentials = in_cluster_credentials()
+            self.credentials = await load_credentials(self.kubeconfig)
         return self.credentials
 
     # -- the loop ---------------------------------------------------------------------------------
     async def run(self) -> None:
         creds = await self._credentials()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
-            while True:
-                try:
-                    await self._sync_and_watch(session, creds)
-                except asyncio.CancelledError:
-                    raise
-                except Gone:
-                    log.info("Watch expired (410 Gone); relisting pods")
-                    continue
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
-                    log.warning("Kubernetes discovery error; retrying", error=str(e) or type(e).__name__, retry_in_s=self.backoff)
-                    await asyncio.sleep(self.backoff)
-                except Exception:  # a bug must not end discovery for the life of the process
-                    log.exception("Kubernetes discovery failed unexpectedly; retrying", retry_in_s=self.backoff)
-                    await asyncio.sleep(self.backoff)
+            poller = None
+            if self.objectives is not None and self.standalone is None:
+                poller = asyncio.create_task(self._poll_objectives(session, creds), name="objective-poll")
+            try:
+                await self._discover(session, creds)
+            finally:
+                if poller is not None:
+                    poller.cancel()
+
+    async def _discover(self, session: aiohttp.ClientSession, creds: Credentials) -> None:
+        while True:
+            try:
+                await self._sync_and_watch(session, creds)
+            except asyncio.CancelledError:
+                raise
+            except Gone:
+                log.info("Watch expired (410 Gone); relisting pods")
+                continue
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
+                log.warning("Kubernetes discovery error; retrying", error=str(e) or type(e).__name__, retry_in_s=self.backoff)
+                await asyncio.sleep(self.backoff)
+            except Exception:  # a bug must not end discovery for the life of the process
+                log.exception("Kubernetes discovery failed unexpectedly; retrying", retry_in_s=self.backoff)
+                await asyncio.sleep(self.backoff)
 
     async def _sync_and_watch(self, session: aiohttp.ClientSession, creds: Credentials) -> None:
         pool = await self._get_pool(session, creds)
@@ -178,7 +219,40 @@ class InferencePoolDiscovery:
             body = await r.read()
             return r.status, (json.loads(body) if body else None)
 
+    async def _poll_objectives(self, session: aiohttp.ClientSession, creds: Credentials) -> None:
+        """InferenceObjectives whose poolRef is this pool → priorities (both API groups; a missing CRD is fine)."""
+        assert self.objectives is not None
+        logged: set[str] = set()
+        while True:
+            for api in OBJECTIVE_APIS:
+                try:
+                    status, obj = await self._get(session, creds, f"/apis/{api}/namespaces/{self.namespace}/inferenceobjectives")
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                    log.warning("InferenceObjective list failed", api=api, error=str(e) or type(e).__name__)
+                    continue
+                if status != 200:
+                    if status != 404 and api not in logged:
+                        log.warning("InferenceObjective list failed", api=api, status=status)
+                        logged.add(api)
+                    self.objectives.replace(api, [])
+                    continue
+                found = []
+                for item in obj.get("items") or []:
+                    spec = item.get("spec") or {}
+                    ref = spec.get("poolRef") or {}
+                    if ref.get("name") != self.pool_name or (ref.get("group") or POOL_GROUP) != POOL_GROUP:
+                        continue
+                    prio = spec.get("priority")
+                    found.append((item["metadata"]["name"], int(prio) if isinstance(prio, int) else 0))
+                if found and api.startswith("inference.networking.x-k8s.io") and api not in logged:
+                    log.info("DEPRECATION: InferenceObjective inference.networking.x-k8s.io/v1alpha2 is deprecated; use llm-d.ai/v1alpha2")
+                    logged.add(api)
+                self.objectives.replace(api, found)
+            await asyncio.sleep(self.objective_poll)
+
     async def _get_pool(self, session: aiohttp.ClientSession, creds: Credentials) -> PoolSpec | None:
+        if self.standalone is not None:
+            return self.standalone
         path = f"/apis/{POOL_GROUP}/{POOL_VERSION}/namespaces/{self.namespace}/inferencepools/{self.pool_name}"
         status, obj = await self._get(session, creds, path)
         if status == 404:
@@ -192,7 +266,7 @@ class InferencePoolDiscovery:
             raise ValueError(f"GET InferencePool {self.namespace}/{self.pool_name}: HTTP {status}: {obj}")
         pool = PoolSpec.from_object(obj)
         if pool != self.pool:
-            log.info("InferencePool", name=self.pool_name, selector=pool.selector, target_ports=list(pool.ports))
+            log.info("InferencePool", name=self.pool_name, selector=pool.selector_text, target_ports=list(pool.ports))
         self.pool = pool
         return pool
 

@@ -4,7 +4,9 @@
     - {name: vllm-p2p-proxy, address: 127.0.0.1, port: 8080, labels: {role: proxy, llm-d.ai/kv-backend: nvlink}}
 
 Optional per endpoint: `namespace`, `metricsUrl`. A file that fails to parse keeps the last good
-set and logs why, so a half-saved edit never empties the pool.
+set and logs why, so a half-saved edit never empties the pool. The same format is llm-d's
+`file-discovery` plugin's. Optionally the file lists InferenceObjectives for request priorities
+when there is no cluster (`objectives: [{name: batch, priority: -1}]`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 
 from epp.datastore import Datastore, Endpoint
+from epp.datastore.objectives import Objectives
 from epp.observability.logging import get_logger
 
 log = get_logger("epp.discovery.static")
@@ -66,9 +69,27 @@ def parse_endpoints(text: str, source: str) -> list[Endpoint]:
     return out
 
 
+def parse_objectives(text: str, source: str) -> list[tuple[str, int]]:
+    """The optional `objectives` list: [{name, priority}] (priority defaults to 0)."""
+    data = yaml.safe_load(text) or {}
+    items = data.get("objectives") if isinstance(data, dict) else None
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise EndpointsFileError(f"{source}: objectives must be a list of {{name, priority}}")
+    out = []
+    for i, item in enumerate(items):
+        prio = item.get("priority", 0) if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(prio, int) or isinstance(prio, bool):
+            raise EndpointsFileError(f"{source}: objectives[{i}]: needs a 'name' and an integer 'priority'")
+        out.append((item["name"], prio))
+    return out
+
+
 class StaticFileDiscovery:
-    def __init__(self, datastore: Datastore, path: str, poll_interval: float = 1.0) -> None:
+    def __init__(self, datastore: Datastore, path: str, poll_interval: float = 1.0, objectives: Objectives | None = None) -> None:
         self.datastore = datastore
+        self.objectives = objectives
         self.path = Path(path)
         self.poll_interval = poll_interval
         self._stamp: tuple[float, int] | None = None
@@ -82,9 +103,13 @@ class StaticFileDiscovery:
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp:
             return False
-        endpoints = parse_endpoints(self.path.read_text(), str(self.path))
+        text = self.path.read_text()
+        endpoints = parse_endpoints(text, str(self.path))
+        objectives = parse_objectives(text, str(self.path))
         self._stamp = stamp
         self.datastore.replace_all(endpoints)
+        if self.objectives is not None:
+            self.objectives.replace("file", objectives)
         self.datastore.mark_synced()
         log.info("Endpoints loaded", file=str(self.path), endpoints=[f"{e.key}={e.hostport}" for e in endpoints])
         return True

@@ -31,9 +31,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from epp.extproc import messages as msg
 from epp.extproc.body_budget import BodyBudget
 from epp.extproc.director import Director, InFlight
-from epp.extproc.request_parser import api_of, parse_request
+from epp.endpoint_health.outcomes import stream_error_status
+from epp.extproc.request_parser import api_of
 from epp.observability.logging import get_logger
-from epp.scheduling.framework import SchedulingError
+from epp.scheduling.framework import LLMRequest, SchedulingError
 
 log = get_logger("epp.extproc")
 
@@ -56,6 +57,8 @@ CLIENT_FORBIDDEN = (
     "x-llm-d-inference-objective",
     "x-gateway-inference-fairness-id",
     "x-llm-d-inference-fairness-id",
+    "x-encoder-hosts-ports",
+    "x-data-parallel-host-port",
 )
 
 # Methods that carry an inference request's body; a headers-only one to an inference path is a client error.
@@ -118,7 +121,7 @@ class StreamHandler:
     __slots__ = (
         "director", "max_body", "budget", "trust_rewrite", "headers", "path", "request_id", "generated_id", "subset",
         "request_mode", "response_mode", "deferred", "body", "body_len", "held", "rejected", "closed", "phase", "flight",
-        "response_streaming", "response_buffer", "response_held", "sse_tail", "model_from", "model_to", "done",
+        "response_streaming", "response_buffer", "response_held", "sse_tail", "model_from", "model_to", "done", "waiting",
     )
 
     def __init__(self, director: Director, max_body: int, budget: BodyBudget | None = None,
@@ -149,6 +152,7 @@ class StreamHandler:
         self.model_from: bytes | None = None
         self.model_to: bytes | None = None
         self.done = False
+        self.waiting: tuple[Any, LLMRequest, bytes, bool] | None = None  # admitted later by flow control: see resume()
 
     @property
     def ended(self) -> bool:
@@ -300,19 +304,45 @@ class StreamHandler:
     def _schedule(self, raw: bytes, end_of_stream: bool = True) -> list[pb.ProcessingResponse]:
         request = None
         try:
-            request, _ = parse_request(self.request_id, self.path, self.headers, raw, self._model_rewrite())
-            self.flight = self.director.schedule(request, self.subset)
+            request = self.director.parse_request(self.request_id, self.path, self.headers, raw, self._model_rewrite())
+            waiting = self.director.admit(request, self.subset)
         except SchedulingError as e:
             return self._reject(e, request, log=request is None or e.code == "BadRequest")
+        if waiting is not None:
+            # Flow control holds the request: the service awaits resume() before reading on.
+            self.waiting = (waiting, request, raw, end_of_stream)
+            return []
+        return self._route(request, raw, end_of_stream)
+
+    async def resume(self) -> list[pb.ProcessingResponse]:
+        """Wait for flow control to dispatch the request, then route it as usual."""
+        assert self.waiting is not None
+        waiting, request, raw, end_of_stream = self.waiting
+        self.waiting = None
+        try:
+            await waiting
+        except SchedulingError as e:
+            return self._reject(e, request, log=False)
+        out = self._route(request, raw, end_of_stream)
+        if not end_of_stream and not self.rejected:
+            out.append(msg.trailers_response(request=True))  # the trailers that ended the body, answered after it
+        return out
+
+    def _route(self, request: LLMRequest, raw: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        try:
+            self.flight = self.director.schedule(request, self.subset)
+        except SchedulingError as e:
+            return self._reject(e, request, log=e.code == "BadRequest")
         request.body = None  # the parsed body is not kept past PreRequest: it can be many times the raw size
         if request.target_model != request.model:
             raw = _rewrite_model(raw, request.target_model)
             self.model_from = _model_literal(request.target_model)
             self.model_to = _model_literal(request.model)
         destination = ",".join(e.hostport for e in self.flight.result.targets)
+        scores = self.flight.endpoint_scores
         self.response_streaming = request.stream
         if self.deferred:
-            out = [self._routing_headers_reply(destination, len(raw))]
+            out = [self._routing_headers_reply(destination, len(raw), scores)]
             out.extend(msg.streamed_chunks(raw, request=True, end_of_stream=end_of_stream))
             return out
         set_headers = self._routing_headers(destination, len(raw))
@@ -323,12 +353,13 @@ class StreamHandler:
                 set_headers=set_headers,
                 remove=self._forbidden_present(),
                 clear_route_cache=True,
-                metadata=msg.destination_metadata(destination),
+                metadata=msg.destination_metadata(destination, scores),
             )
         ]
 
     def _routing_headers(self, destination: str, body_len: int) -> dict[str, str]:
-        h = {msg.DESTINATION_HEADER: destination}
+        extra = self.flight.result.request_headers if self.flight is not None and self.flight.result is not None else None
+        h = {**extra, msg.DESTINATION_HEADER: destination} if extra else {msg.DESTINATION_HEADER: destination}  # e.g. x-prefiller-host-port
         if body_len:
             h["content-length"] = str(body_len)
         if self.generated_id:
@@ -339,12 +370,12 @@ class StreamHandler:
         """Client-set routing headers to remove; the destination is kept only where the same reply overwrites it."""
         return [k for k in CLIENT_FORBIDDEN if k in self.headers and not (keep_destination and k == msg.DESTINATION_HEADER)]
 
-    def _routing_headers_reply(self, destination: str, body_len: int) -> pb.ProcessingResponse:
+    def _routing_headers_reply(self, destination: str, body_len: int, scores: dict[str, float] | None = None) -> pb.ProcessingResponse:
         return msg.request_headers_response(
             self._routing_headers(destination, body_len),
             self._forbidden_present(),
             clear_route_cache=True,
-            metadata=msg.destination_metadata(destination),
+            metadata=msg.destination_metadata(destination, scores),
         )
 
     # -- response path ------------------------------------------------------------------------------
@@ -415,6 +446,8 @@ class StreamHandler:
         if self.flight is None:
             return
         data = self.sse_tail + chunk
+        if b'data: {"error"' in data and not self.flight.stream_error:  # a stream that ends in an error event failed
+            self.flight.stream_error = stream_error_status(data)
         if b"usage" not in data:
             self.sse_tail = data[-64:] if not eos else b""
             return

@@ -12,6 +12,7 @@ from google.protobuf.struct_pb2 import Struct
 BODY_CHUNK_LIMIT = 62_000  # GIE's BodyByteLimit: below the 64 KiB per-chunk limit of some Envoy builds
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
+SCORES_KEY = "x-gateway-destination-endpoint-scores"  # llm-d: endpoint ip:port -> scheduler score
 
 # GIE error code -> HTTP status of the ImmediateResponse.
 ERROR_STATUS = {
@@ -33,9 +34,13 @@ def header_mutation(set_headers: Mapping[str, str], remove: Iterable[str] = ()) 
     )
 
 
-def destination_metadata(destination: str) -> Struct:
+def destination_metadata(destination: str, scores: Mapping[str, float] | None = None) -> Struct:
+    """`envoy.lb` → destination; with --emit-endpoint-scores also `x-gateway-destination-endpoint-scores`."""
     md = Struct()
-    md.get_or_create_struct(LB_NAMESPACE)[DESTINATION_HEADER] = destination
+    lb = md.get_or_create_struct(LB_NAMESPACE)
+    lb[DESTINATION_HEADER] = destination
+    if scores:
+        lb.get_or_create_struct(SCORES_KEY).update(scores)
     return md
 
 

@@ -53,6 +53,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     replies = self._internal_error(handler, req, e)
                 for resp in replies:
                     yield resp
+                if handler.waiting is not None:  # flow control holds the request until the pool has room
+                    try:
+                        replies = await handler.resume()
+                    except Exception as e:
+                        replies = self._internal_error(handler, req, e)
+                    for resp in replies:
+                        yield resp
         finally:
             self.open_streams -= 1
             # Stream over — response done, client disconnect, reset, violation or error: release it all.

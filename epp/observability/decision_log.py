@@ -30,6 +30,10 @@ def _profile_fields(result: SchedulingResult) -> dict[str, Any]:
     }
     if truncated:
         out["scores_truncated_to"] = TOP_N
+    if result.excluded:  # endpoint health left these out before any filter ran
+        out["excluded"] = result.excluded
+        if result.health_panic:
+            out["health_panic"] = True  # too few were healthy: every candidate was used anyway
     if run.filtered_out:
         out["filtered_out"] = run.filtered_out
     if len(result.profile_results) > 1:
@@ -56,6 +60,8 @@ def decision_fields(request: LLMRequest, result: SchedulingResult, config_profil
     }
     if request.target_model != request.model:
         fields["target_model"] = request.target_model
+    if result.request_headers:
+        fields["request_headers"] = result.request_headers  # what the EPP added for the pod's sidecar
     if result.notes:
         fields["notes"] = result.notes
     return fields

@@ -23,10 +23,13 @@ def level_for_verbosity(verbosity: int) -> int:
     return logging.DEBUG if verbosity >= 3 else logging.INFO
 
 
-def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = None, component: str | None = None) -> None:
+def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = None, component: str | None = None,
+                      level: int | None = None, console: bool = False) -> None:
     """Route structlog to `stream` (default stderr) as one JSON object per line.
 
     Every event has `ts` (ISO-8601 UTC), `level` and `msg`; `component` is added when given.
+    `level` overrides the verbosity's level; `console` renders human-readable lines instead of JSON
+    (the Go EPP's --zap-encoder=console).
     """
     out = stream if stream is not None else sys.stderr
     binary = getattr(out, "buffer", None)
@@ -40,15 +43,18 @@ def configure_logging(verbosity: int = 2, stream: IO[bytes] | IO[str] | None = N
     ]
     if component:
         processors.insert(0, _add_component(component))
-    if binary is None and isinstance(out, io.TextIOBase):
+    if console:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        factory: Any = structlog.PrintLoggerFactory(out)
+    elif binary is None and isinstance(out, io.TextIOBase):
         processors.append(structlog.processors.JSONRenderer(serializer=lambda o, **kw: _orjson_dumps(o).decode()))
-        factory: Any = structlog.PrintLoggerFactory(target)
+        factory = structlog.PrintLoggerFactory(target)
     else:
         processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
         factory = structlog.BytesLoggerFactory(target)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
+        wrapper_class=structlog.make_filtering_bound_logger(level if level is not None else level_for_verbosity(verbosity)),
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )

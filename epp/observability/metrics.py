@@ -408,6 +408,22 @@ class EPPMetrics:
         """`inference_epp_buffered_request_bytes`: request bytes all streams hold now (and its limit)."""
         self._renderers.append(_BudgetMetrics(budget))
 
+    def before_render(self, refresh: Any) -> None:
+        """Call `refresh()` at each scrape before anything is written (gauges read at exposition time)."""
+        self._renderers.insert(0, _Refresh(refresh))
+
     def watch_pool(self, endpoints) -> None:
         """Pool gauges read `endpoints()` at each scrape."""
         self.pool.endpoints = endpoints
+
+
+class _Refresh:
+    """A renderer that writes nothing: it updates other collectors just before the exposition."""
+
+    __slots__ = ("refresh",)
+
+    def __init__(self, refresh: Any) -> None:
+        self.refresh = refresh
+
+    def render(self, t: "Text") -> None:
+        self.refresh()

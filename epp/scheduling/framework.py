@@ -28,18 +28,28 @@ class LLMRequest:
     body_size: int = 0
     max_tokens: int | None = None  # requested output budget, if any
     prompt_text: str = ""  # the flattened user input (for prefix hashing); may be truncated
+    priority: int = 0  # from the request's InferenceObjective; negative = sheddable
+    fairness_id: str = "default-flow"  # flow-control flow (x-llm-d-inference-fairness-id)
+
+
+# CycleState keys that plugins of different kinds share (so none of them imports another).
+STAGE_KEY = "disagg-stage"  # "decode" | "prefill" | "encode": the stage whose profile runs now (disagg handlers)
+PEER_ENDPOINT_KEY = "peer-endpoint"  # the endpoint an earlier stage picked (llm-d's peer-endpoint attribute)
 
 
 class CycleState:
     """Scratch space shared by the plugins of one scheduling cycle (one request)."""
 
-    __slots__ = ("_data", "notes")
+    __slots__ = ("_data", "notes", "candidates")
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: Sequence[Endpoint] = ()) -> None:
         self._data: dict[str, Any] = {}
         # Free-form, per-plugin notes that end up in the "Scoring decision" log event
         # (e.g. {"transfer-bandwidth-scorer": {"no_profile": ["ep-a"]}}).
         self.notes: dict[str, Any] = {}
+        # Every endpoint the cycle started from: a pair-aware plugin in one profile looks at the
+        # endpoints another profile will choose from (a decode's possible prefill peers).
+        self.candidates: Sequence[Endpoint] = candidates
 
     def read(self, key: str, default: Any = None) -> Any:
         return self._data.get(key, default)
@@ -133,6 +143,14 @@ class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult]
     notes: dict[str, Any] = field(default_factory=dict)  # CycleState.notes of the cycle (for the decision log)
+    # Headers the EPP adds to the forwarded request, written by PreRequest plugins (e.g. the
+    # disagg handler's x-prefiller-host-port). The destination header is the handler's alone.
+    request_headers: dict[str, str] = field(default_factory=dict)
+    # Disaggregation stage -> the profile that served it ({"decode": "decode", "prefill": "prefill"}).
+    stages: dict[str, str] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # endpoint key -> why endpoint health left it out
+    health_panic: bool = False  # too few healthy endpoints: all candidates were used (Envoy's panic mode)
+    state: CycleState | None = None  # the cycle's scratch space, so PreRequest hooks see what producers computed
 
     @property
     def primary(self) -> ProfileRunResult:
@@ -141,6 +159,11 @@ class SchedulingResult:
     @property
     def targets(self) -> list[Endpoint]:
         return self.primary.targets
+
+    def stage_target(self, stage: str) -> Endpoint | None:
+        """The first pick of a disaggregation stage ("prefill", "encode", …), if that stage ran and picked one."""
+        run = self.profile_results.get(self.stages.get(stage, ""))
+        return run.targets[0] if run is not None and run.targets else None
 
 
 @runtime_checkable
@@ -164,6 +187,53 @@ class ProfileHandler(Plugin, Protocol):
 
 
 @runtime_checkable
+class DataProducer(Plugin, Protocol):
+    def produce(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Called once per cycle before any profile runs (llm-d's PrepareRequestData), with every candidate.
+
+        Leaves per-endpoint data in `state` for filters and scorers (e.g. prefix-cache matches).
+        A producer with `produce_order` < 10 runs before the others (token producers use 0).
+        """
+        ...
+
+
+@runtime_checkable
+class Background(Protocol):
+    """A plugin with work outside the request path (e.g. a KV-event subscriber thread).
+
+    The running EPP starts it once endpoints are being discovered and stops it on shutdown;
+    building a config (`epp profiles validate`, tests) never does.
+    """
+
+    def start_background(self, datastore: Any) -> None: ...
+
+    def stop_background(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerWanted:
+    """What a consumer reads: a producer type, and optionally which instance and with which parameters."""
+
+    type: str
+    name: str | None = None  # a producer instance, or another consumer whose producer to share
+    parameters: Mapping[str, Any] | None = None  # for the producer created when none is configured
+    name_optional: bool = False  # a defaulted name: if no plugin has it, resolve as if no name was given
+
+
+@runtime_checkable
+class ProducerConsumer(Protocol):
+    """A plugin that reads a producer's data; the config builder binds it to its producer.
+
+    A named instance must exist; without a name the first configured producer of the type is
+    used, or one is created (with the consumer's parameters, if any), as llm-d does.
+    """
+
+    def producer_wanted(self) -> ProducerWanted: ...
+
+    def bind_producer(self, producer: Any) -> None: ...
+
+
+@runtime_checkable
 class PreRequest(Protocol):
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         """Called once the request is scheduled and about to be forwarded."""
@@ -175,10 +245,21 @@ class ResponseComplete(Protocol):
     def response_complete(self, request: LLMRequest, result: SchedulingResult, outcome: str) -> None:
         """Called exactly once per scheduled request when it ends.
 
-        `outcome` is one of "success", "error" (upstream non-2xx), "cancelled" (client disconnect
-        or stream reset) or "timeout".
+        `outcome` is one of "success", "error" (a 5xx, the gateway's 502/503/504 for an endpoint it
+        could not reach, or no response in time: the endpoint failed), "client_error" (a 4xx: the
+        request's fault), "cancelled" (client disconnect or stream reset) or "timeout".
         """
         ...
+
+
+@runtime_checkable
+class CandidateGate(Plugin, Protocol):
+    """Decides, for the whole pool and before any profile runs, which endpoints may be candidates.
+
+    Listed under `plugins` only (endpoint health is one); never referenced from a profile.
+    """
+
+    def admit(self, endpoints: Sequence[Endpoint]) -> Any: ...
 
 
 class SchedulingError(Exception):

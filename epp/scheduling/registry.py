@@ -10,15 +10,28 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from epp.scheduling.framework import ConfigError, Plugin
+from epp.scheduling.framework import ConfigError, Plugin, ProducerConsumer
 from epp.util.duration import parse_duration
 
 ENTRY_POINT_GROUP = "inference_epp.plugins"
 # Plugin modules shipped with the project; used when the distribution is not installed
 # (running from a source checkout) so entry points are missing.
-BUILTIN_PLUGIN_MODULES = ("epp.scheduling.pickers", "epp.scheduling.profile_handlers", "filters", "scorers")
+BUILTIN_PLUGIN_MODULES = (
+    "epp.scheduling.pickers",
+    "epp.scheduling.profile_handlers",
+    "epp.endpoint_health.plugin",
+    "epp.requesthandling.parsers",
+    "epp.datalayer.sources",
+    "epp.datalayer.inflight_load",
+    "epp.flowcontrol.saturation_detectors",
+    "epp.flowcontrol.policies",
+    "filters",
+    "scorers",
+    "disaggregation",
+    "producers",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +50,20 @@ class Registration:
     type_name: str
     factory: Factory
     deprecated_alias_of: str | None = None
+    experimental: bool = False  # llm-d's "alpha": loads only with --allow-experimental-plugins
 
 
 _REGISTRY: dict[str, Registration] = {}
 _loaded = False
 
 
-def register(type_name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+def register(type_name: str, *, aliases: tuple[str, ...] = (), experimental: bool = False) -> Callable[[Factory], Factory]:
     """Register a factory `(name, parameters, context) -> plugin` under `type_name` (and aliases)."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[type_name] = Registration(type_name, factory)
+        _REGISTRY[type_name] = Registration(type_name, factory, experimental=experimental)
         for alias in aliases:
-            _REGISTRY[alias] = Registration(alias, factory, deprecated_alias_of=type_name)
+            _REGISTRY[alias] = Registration(alias, factory, deprecated_alias_of=type_name, experimental=experimental)
         return factory
 
     return deco
@@ -68,6 +82,11 @@ def load_plugins() -> None:
         if mod not in seen:
             importlib.import_module(mod)
     _loaded = True
+
+
+def registered(type_name: str) -> Registration | None:
+    load_plugins()
+    return _REGISTRY.get(type_name)
 
 
 def lookup(type_name: str) -> Registration:
@@ -99,3 +118,69 @@ def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, de
     if seconds <= 0:
         raise ConfigError(f"plugin {plugin!r}: {field} must be positive, got {parameters.get(field)!r}")
     return seconds
+
+
+def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A ConfigError naming every parameter the plugin does not have: nothing in a config is silently ignored."""
+    known = set(known)
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ConfigError(
+            f"plugin {plugin!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+        )
+
+
+def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:
+    """Bind every producer consumer to its producer, creating missing ones; returns the names created.
+
+    Created producers join `instances` (named by their type, or `<consumer>-producer` when the
+    consumer brought its own parameters), so the scheduler calls their hooks like any other.
+    """
+    created: list[str] = []
+    bound: dict[str, Any] = {}
+
+    def resolve(name: str, plugin: Any, seen: tuple[str, ...]) -> Any:
+        if name in bound:
+            return bound[name]
+        if name in seen:
+            raise ConfigError(f"plugin {name!r}: producer references form a cycle: {' -> '.join((*seen, name))}")
+        want = plugin.producer_wanted()
+        target = instances.get(want.name) if want.name else None
+        if want.name and target is None and not want.name_optional:
+            raise ConfigError(f"plugin {name!r}: no plugin named {want.name!r} to read data from; defined: {', '.join(sorted(instances))}")
+        if target is not None and isinstance(target, ProducerConsumer):
+            producer = resolve(want.name, target, (*seen, name))  # share that consumer's producer
+        elif target is not None:
+            if getattr(target, "type_name", None) not in _compatible(want.type):
+                raise ConfigError(f"plugin {name!r}: {want.name!r} is a {getattr(target, 'type_name', '?')}, not a {want.type}")
+            producer = target
+        else:
+            found = [p for p in instances.values() if getattr(p, "type_name", None) == want.type]
+            if found and want.parameters:
+                raise ConfigError(f"plugin {name!r}: its parameters {sorted(want.parameters)} belong to {found[0].name!r} "
+                                  f"({want.type}); move them there")
+            if found:
+                producer = found[0]
+            else:
+                pname = f"{name}-producer" if want.parameters else want.type
+                producer = create(want.type, pname, want.parameters, ctx)
+                instances[pname] = producer
+                created.append(pname)
+        plugin.bind_producer(producer)
+        bound[name] = producer
+        return producer
+
+    for name, plugin in list(instances.items()):
+        if isinstance(plugin, ProducerConsumer):
+            try:
+                resolve(name, plugin, ())
+            except ConfigError as e:
+                e.plugin = name  # type: ignore[attr-defined]  # the config loader points at this plugin's line
+                raise
+    return created
+
+
+def _compatible(producer_type: str) -> tuple[str, ...]:
+    """A consumer of prefix matches may name any prefix-cache producer, as llm-d's data keys allow."""
+    prefix = ("approx-prefix-cache-producer", "precise-prefix-cache-producer")
+    return prefix if producer_type in prefix else (producer_type,)

@@ -13,6 +13,7 @@ from epp.datastore.endpoint import Endpoint
 from epp.observability.logging import get_logger
 from epp.scheduling.framework import (
     CycleState,
+    DataProducer,
     LLMRequest,
     PreRequest,
     ProfileHandler,
@@ -47,6 +48,8 @@ class Scheduler:
         self.profiles = dict(profiles)
         self.observer = observer
         every = list(plugins) or self._plugins_of_profiles()
+        producers = [p for p in every if isinstance(p, DataProducer)]
+        self._producers = sorted(producers, key=lambda p: getattr(p, "produce_order", 10))  # stable: config order within a stage
         self._pre_request = [p for p in every if isinstance(p, PreRequest)]
         self._response_complete = [p for p in every if isinstance(p, ResponseComplete)]
 
@@ -62,10 +65,12 @@ class Scheduler:
     def schedule(self, request: LLMRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
         if not candidates:
             raise SchedulingError("ServiceUnavailable", NO_CANDIDATES)
-        state = CycleState()
+        state = CycleState(candidates)
         results: dict[str, ProfileRunResult] = {}
         obs = self.observer
         handler = self.profile_handler
+        for producer in self._producers:
+            self._call("PrepareData", producer, producer.produce, state, request, candidates)
         while True:
             t0 = time.perf_counter() if obs else 0.0
             todo = handler.pick_profiles(state, request, self.profiles, results)
@@ -80,6 +85,7 @@ class Scheduler:
         if obs:
             obs("ProcessProfilesResults", handler.type_name, handler.name, time.perf_counter() - t0)
         result.notes = state.notes
+        result.state = state
         primary = result.profile_results.get(result.primary_profile)
         if primary is None or not primary.targets:
             reason = primary.error if primary is not None and primary.error else "no endpoint left after filtering"
@@ -159,8 +165,8 @@ class Scheduler:
             self.observer(point, plugin.type_name, plugin.name, time.perf_counter() - t0)
 
     def describe(self) -> dict[str, Any]:
-        """The shape logged at startup (profile → filters, scorers with weights, picker)."""
-        return {
+        """The shape logged at startup (profile → filters, scorers with weights, picker; the data producers)."""
+        out: dict[str, Any] = {
             "profileHandler": self.profile_handler.name,
             "profiles": {
                 name: {
@@ -171,3 +177,6 @@ class Scheduler:
                 for name, p in self.profiles.items()
             },
         }
+        if self._producers:
+            out["producers"] = [p.name for p in self._producers]
+        return out

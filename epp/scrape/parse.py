@@ -8,14 +8,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from epp.datastore.endpoint import EndpointMetrics, TransferProfile
 
+MAX_PEERS = 1024  # prefill peers one decode endpoint may publish link profiles for
+
 
 def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     profile: dict[int, float] = {}
+    links: dict[str, dict[int, tuple[float, str]]] = {}
     block_size = num_blocks = None
     block_tokens = block_bytes = None
     backend = ""
+    lora: tuple[float, dict] | None = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             name = s.name
@@ -31,10 +35,17 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
                     pass
             elif name == "pdproxy_kv_transfer_profile_seconds":
                 try:
-                    profile[int(s.labels["blocks"])] = s.value
-                    backend = s.labels.get("kv_backend", backend)
+                    peer = s.labels.get("prefill")  # a decode sidecar's profile of the link from this prefill peer
+                    if peer:
+                        if peer in links or len(links) < MAX_PEERS:
+                            links.setdefault(peer, {})[int(s.labels["blocks"])] = (s.value, s.labels.get("kv_backend", ""))
+                    else:
+                        profile[int(s.labels["blocks"])] = s.value
+                        backend = s.labels.get("kv_backend", backend)
                 except (KeyError, ValueError):
                     pass
+            elif name == "vllm:lora_requests_info" and (lora is None or s.value >= lora[0]):
+                lora = (s.value, s.labels)  # the value is a timestamp: the newest series wins
             elif name == "pdproxy_kv_block_tokens":
                 block_tokens = int(s.value)
             elif name == "pdproxy_kv_block_bytes":
@@ -50,6 +61,20 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
     if profile:
         blocks = tuple(sorted(profile))
         transfer = TransferProfile(blocks, tuple(profile[b] for b in blocks), block_tokens or block_size or 16, block_bytes or 0, backend)
+    bt = block_tokens or block_size or 16
+    link_profiles = None
+    if links:
+        link_profiles = {}
+        for peer, pts in links.items():
+            blocks = tuple(sorted(pts))
+            link_profiles[peer] = TransferProfile(blocks, tuple(pts[b][0] for b in blocks), bt, block_bytes or 0, pts[blocks[0]][1])
+    running = waiting = max_loras = None
+    if lora is not None:
+        running, waiting = (frozenset(a for a in lora[1].get(k, "").split(",") if a) for k in ("running_lora_adapters", "waiting_lora_adapters"))
+        try:
+            max_loras = int(lora[1].get("max_lora", ""))
+        except ValueError:
+            max_loras = 0
     return EndpointMetrics(
         waiting=sums.get("vllm:num_requests_waiting"),
         running=sums.get("vllm:num_requests_running"),
@@ -60,5 +85,9 @@ def parse_metrics(text: str, now: float | None = None) -> EndpointMetrics:
         prefill_tokens_per_second=mean("pdproxy_prefill_tokens_per_second"),
         decode_seconds_per_token=mean("pdproxy_decode_seconds_per_token"),
         transfer_profile=transfer,
+        link_profiles=link_profiles,
+        running_loras=running,
+        waiting_loras=waiting,
+        max_loras=max_loras,
         updated_at=time.monotonic() if now is None else now,
     )

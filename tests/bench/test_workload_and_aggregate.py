@@ -52,3 +52,31 @@ def test_medians_and_win_counts(tmp_path):
     assert "| poisson@5 | proxy-performance | 200 ms | 400 ms | 1000 ms | 2000 ms | 50% | – |" in text
     assert (tmp_path / "out" / "bench_median_comparison.png").exists()
     assert (tmp_path / "out" / "bench_median_relative.png").exists()  # figures as % of the baseline's
+
+
+def test_shared_prefix_workload_is_multi_turn_behind_one_system_prompt():
+    from serving_benchmark.workload import build_shared_prefix_workload
+
+    w = build_shared_prefix_workload(12, 6, "poisson", 32, seed=1, system_tokens=200, turns=3, user_tokens=20, reply_tokens=10)
+    assert w == build_shared_prefix_workload(12, 6, "poisson", 32, seed=1, system_tokens=200, turns=3, user_tokens=20, reply_tokens=10)
+    system = w[0].messages[0]
+    assert system["role"] == "system" and all(r.messages[0] == system for r in w), "one system prompt for every conversation"
+    assert [len(r.messages) for r in w] == [2] * 4 + [4] * 4 + [6] * 4, "4 conversations, turn by turn"
+    assert w[8].messages[:4] == w[4].messages[:4] and w[4].messages[:2] == w[0].messages[:2], "a turn extends its conversation"
+    assert w[8].messages[3]["role"] == "user" and w[8].messages[2]["role"] == "assistant"
+    assert all(abs(r.prompt_tokens - sum(len(m["content"]) for m in r.messages) // 4) <= 1 for r in w)
+    assert [r.at for r in w] == sorted(r.at for r in w)
+    with pytest.raises(ValueError):
+        build_shared_prefix_workload(4, 1, "poisson", 8, 0, turns=0)
+
+
+def test_hit_rates_reach_the_median_table(tmp_path):
+    def with_hits(profile, ttft, hits):
+        r = row(profile, ttft, 1.0)
+        r["summary"]["prefix_cache"] = {"hit_rate": hits}
+        return r
+
+    runs = [run(tmp_path, f"r{i}", [with_hits("load-only", 0.2, 0.5), with_hits("prefix-cache", 0.1, h)]) for i, h in enumerate((0.7, 0.8, 0.9))]
+    text = aggregate(runs, str(tmp_path / "out"), baseline="load-only")
+    assert "| poisson@5 | prefix-cache | 100 ms | 200 ms | 1000 ms | 2000 ms | 50% | 80.0% | 0/3 |" in text
+    assert "| poisson@5 | load-only | 200 ms | 400 ms | 1000 ms | 2000 ms | 50% | 50.0% | – |" in text

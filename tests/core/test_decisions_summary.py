@@ -25,3 +25,22 @@ def test_summary_of_a_log():
     text = out.getvalue()
     assert "5 scoring decisions, 1 scheduling failures" in text
     assert "prompt tokens by selected kv-backend:" in text and "nvlink       n=3 p50=900 p90=2000 max=2000" in text
+
+
+def test_endpoint_health_per_endpoint():
+    ev = lambda **kw: json.dumps(kw)  # noqa: E731
+    lines = [decision("nvlink", "p2p", 100, {"p2p": 1.0}) for _ in range(3)]
+    lines += [ev(msg="Request ended", endpoint="p2p", outcome="gateway_failure", status=503)] * 2
+    lines += [ev(msg="Endpoint ejected", endpoint="p2p", reason="consecutive_gateway_failure", detail="2 gateway failures in a row")]
+    lines += [ev(msg="Endpoint unready", endpoint="p2p", readiness="/health answered 503")]
+    lines += [json.dumps({**json.loads(decision("fs", "fs", 100, {"fs": 1.0})), "excluded": {"p2p": "ejected: …"}}) for _ in range(4)]
+    lines += [ev(msg="Endpoint ready", endpoint="p2p"), ev(msg="Endpoint re-admitted", endpoint="p2p")]
+    s = summarize(lines)
+    h = s["endpoint_health"]
+    assert h["p2p"] == {"picks": 3, "ended_badly": {"gateway_failure": 2}, "excluded_from": 4, "ejections": {"consecutive_gateway_failure": 1},
+                        "unready": 1, "ready": 1, "re_admitted": 1}
+    assert h["fs"]["picks"] == 4 and h["fs"]["ended_badly"] == {}
+    out = io.StringIO()
+    render(s, out)
+    assert ("p2p                          picks=3  ended badly: gateway_failure=2  left out of 4  ejections: consecutive_gateway_failure=1  "
+            "unready 1× ready again 1× re-admitted 1×") in out.getvalue()

@@ -69,7 +69,7 @@ def test_overlay_is_consistent(overlay):
     (role,) = find(docs, "Role")
     for rule in role["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "inferencepools"}
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "inferencepools", "inferenceobjectives"}
     (binding,) = find(docs, "RoleBinding")
     assert binding["subjects"][0]["name"] == epp["spec"]["template"]["spec"]["serviceAccountName"]
     # metrics auth (on with --pool-name): only creating token and access reviews, cluster-wide by nature

@@ -8,7 +8,7 @@ from aiohttp import web
 from epp.datastore import Datastore
 from epp.discovery.kubernetes import InferencePoolDiscovery, kubeconfig_credentials
 from tests.conftest import async_wait_until, free_port
-from tests.kubernetes.fake_apiserver import TOKEN, FakeAPIServer, pod
+from tests.kubernetes.fake_apiserver import FakeAPIServer, kubeconfig_text, pod
 
 PROXY = {"role": "proxy", "app": "vllm-proxy", "llm-d.ai/kv-backend": "nvlink"}
 
@@ -21,19 +21,7 @@ async def api(tmp_path):
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(f"""apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {{server: "http://127.0.0.1:{port}"}}
-users:
-- name: tester
-  user: {{token: {TOKEN}}}
-contexts:
-- name: local
-  context: {{cluster: local, user: tester, namespace: llm}}
-current-context: local
-""")
+    kubeconfig.write_text(kubeconfig_text(port))
     server.kubeconfig = str(kubeconfig)
     yield server
     server.break_watches()
@@ -151,3 +139,28 @@ def test_in_cluster_credentials_read_the_service_account(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     with pytest.raises(RuntimeError, match="--kubeconfig"):
         k8s.in_cluster_credentials()
+
+
+async def test_inference_objectives_of_the_pool_give_priorities(api):
+    from epp.datastore.objectives import Objectives
+
+    api.set_pool({"role": "proxy"}, [8080])
+    api.add_objective("batch", -1)
+    api.add_objective("critical", 10, api="inference.networking.x-k8s.io/v1alpha2")  # GIE's group still counts
+    api.add_objective("other-pool", -5, pool="someone-else")
+    api.add_objective("unset", None)
+    objectives = Objectives()
+    ds = Datastore()
+    creds = await kubeconfig_credentials(api.kubeconfig)
+    disc = InferencePoolDiscovery(ds, "pool", "llm", credentials=creds, backoff=0.05, objectives=objectives, objective_poll=0.1)
+    task = asyncio.create_task(disc.run())
+    try:
+        assert await async_wait_until(lambda: len(objectives) == 3, 5)
+        assert objectives.for_request({"x-llm-d-inference-objective": "batch"}) == (-1, "default-flow")
+        assert objectives.for_request({"x-gateway-inference-objective": "critical", "x-gateway-inference-fairness-id": "t1"}) == (10, "t1")
+        assert objectives.for_request({"x-llm-d-inference-objective": "other-pool"})[0] == 0  # another pool's objective
+        assert objectives.for_request({"x-llm-d-inference-objective": "unset"})[0] == 0 and objectives.any_sheddable()
+        api.objectives["llm-d.ai/v1alpha2"] = []  # deleted: gone at the next poll
+        assert await async_wait_until(lambda: objectives.for_request({"x-llm-d-inference-objective": "batch"})[0] == 0, 5)
+    finally:
+        task.cancel()

@@ -62,12 +62,15 @@ def test_prefill_fallback_decode_only(pd_pair):
 
 
 def test_decode_engine_death_and_upstream_errors(pd_pair):
-    pair = pd_pair("fs", decode_args=["--die-after", "2"])
+    pair = pd_pair("fs", decode_args=["--die-after", "2", "--keep-alive-on-engine-death"])
     assert completion(pair["proxy"]).status_code == 200
     r = completion(pair["proxy"])
     assert r.status_code == 500 and "IndexError" in r.json()["error"]["message"]
-    assert completion(pair["proxy"]).status_code == 500  # the instance stopped serving
-    assert httpx.get(f"{pair['decode']}/health").status_code == 503
+    assert httpx.get(f"{pair['decode']}/health").status_code == 503  # the instance stopped serving
+    # the failure made the proxy ask the decode's /health at once: the next request fails fast, saying why
+    r = completion(pair["proxy"])
+    assert r.status_code == 503 and "no healthy decode instance" in r.json()["error"]["message"], r.text
+    assert "/health answered 503" in r.json()["error"]["message"]
 
 
 def test_dead_upstream_is_503_json(procs, tmp_path):
@@ -86,7 +89,9 @@ def test_dead_upstream_is_503_json(procs, tmp_path):
         except httpx.ConnectError:
             assert time.monotonic() < deadline and x.proc.poll() is None
             time.sleep(0.1)
-    assert r.status_code == 503 and r.json()["error"]["type"] == "PrefillError"
+    # the first health check may or may not have run: either the prefill leg or the health state says why, at once
+    assert r.status_code == 503 and r.json()["error"]["type"] in ("PrefillError", "ServiceUnavailable"), r.text
+    assert "cannot connect" in r.json()["error"]["message"], r.text
 
 
 def test_client_disconnect_cancels_both_legs(pd_pair):
@@ -140,10 +145,12 @@ def test_instances_register_by_heartbeat(procs, tmp_path):
 @pytest.mark.parametrize("stream", [False, True])
 def test_decode_speed_leaves_out_the_kv_wait(pd_pair, stream):
     """A slow fabric must not read as a slow decoder: the EPP adds the transfer time from the profile itself."""
-    pair = pd_pair("fs", link_gbps=0.005)
+    pair = pd_pair("fs", link_gbps=0.001)
     r = completion(pair["proxy"], stream=stream, max_tokens=8)
     assert r.status_code == 200
     kv_wait = float(r.headers["x-kv-transfer-seconds"])
-    assert kv_wait > 0.05, kv_wait  # long enough that counting it would show: > 6 ms on each of 8 tokens
+    assert kv_wait > 0.2, kv_wait  # long enough that counting it would show: > 25 ms on each of 8 tokens
     m = re.search(r'pdproxy_decode_seconds_per_token\{kv_backend="fs"\} ([0-9.e-]+)', httpx.get(f"{pair['proxy']}/metrics").text)
-    assert m and 0 < float(m.group(1)) < 0.006, m and m.group(1)  # the simulator decodes at 2 ms per token
+    # The simulator decodes at 2 ms per token (slower on a loaded machine); counting the KV wait in
+    # would put at least kv_wait / 8 on every token, so the bound sits at half of that.
+    assert m and 0 < float(m.group(1)) < kv_wait / 16, (m and m.group(1), kv_wait)

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -87,3 +88,29 @@ def test_restart_only_the_epp_with_another_profile(stack):
         r = httpx.post(f"{stack.gateway_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
         assert stack.backend_of(r.headers["x-gateway-destination-endpoint-served"]) == "nvlink"
     stack.start_epp("proxy-performance")
+
+
+def test_precise_prefix_cache_hears_the_prefill_engines(stack):
+    """Gateway → EPP → proxy → prefill engine → its KV events → the EPP's index → the next request's route."""
+    stack.start_epp("precise-prefix-cache")
+    try:
+        stack.reset_prefix_caches()
+        before = stack.prefix_cache_counters()
+        chat = [{"role": "system", "content": "You review pull requests for a Python web service. " * 30}]
+        served = []
+        for i in range(4):
+            body = {"model": MODEL, "messages": chat + [{"role": "user", "content": f"review number {i}"}], "max_tokens": 2}
+            r = httpx.post(f"{stack.gateway_url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            served.append(r.headers["x-gateway-destination-endpoint-served"])
+            if i == 0:  # let the first request's BlockStored reach the EPP before the next is routed
+                time.sleep(1.0)
+        assert len(set(served[1:])) == 1 and served[1] == served[0], "the system prompt's engine keeps it"
+        after = stack.prefix_cache_counters()
+        assert after["hits"] - before["hits"] >= 3 * 300, "the later requests were prefilled from the cache"
+        events = [json.loads(line) for line in stack.epp_log.read_text().splitlines() if line.startswith("{")]
+        notes = [e["notes"]["precise-prefix-cache-producer"] for e in events
+                 if e.get("msg") == "Scoring decision" and e.get("profile") == "precise-prefix-cache"]
+        assert notes[-1]["match_blocks"][stack.name_of(served[0])] >= 20
+    finally:
+        stack.start_epp("proxy-performance")

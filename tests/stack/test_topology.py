@@ -12,7 +12,7 @@ TOPOLOGIES = sorted((Path(__file__).resolve().parents[2] / "local_stack" / "topo
 @pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.stem)
 def test_checked_in_topologies_load(path):
     t = load_topology(str(path))
-    assert {b.label for b in t.backends} == {"nvlink", "fs"}
+    assert {b.label for b in t.backends} <= {"nvlink", "fs"} and t.backends
 
 
 def test_defaults_and_errors(tmp_path):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pp/admin/v1/admin.proto\x12\x10inference_epp.v1\"\x16\n\x14ListEndpointsRequest\"0\n\rTransferPoint\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xe2\x04\n\x0c\x45ndpointInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.inference_epp.v1.EndpointInfo.LabelsEntry\x12\x12\n\nkv_backend\x18\x05 \x01(\t\x12 \n\x13metrics_age_seconds\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07waiting\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07running\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0ekv_cache_usage\x18\t \x01(\x01H\x03\x88\x01\x01\x12&\n\x19prefill_tokens_per_second\x18\n \x01(\x01H\x04\x88\x01\x01\x12%\n\x18\x64\x65\x63ode_seconds_per_token\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x39\n\x10transfer_profile\x18\x0c \x03(\x0b\x32\x1f.inference_epp.v1.TransferPoint\x12\x1d\n\x15transfer_block_tokens\x18\r \x01(\x05\x12\x14\n\x0cscrape_error\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_metrics_age_secondsB\n\n\x08_waitingB\n\n\x08_runningB\x11\n\x0f_kv_cache_usageB\x1c\n\x1a_prefill_tokens_per_secondB\x1b\n\x19_decode_seconds_per_token\"Z\n\x15ListEndpointsResponse\x12\x31\n\tendpoints\x18\x01 \x03(\x0b\x32\x1e.inference_epp.v1.EndpointInfo\x12\x0e\n\x06synced\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65scribeSchedulerRequest\".\n\x0eWeightedScorer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"v\n\x12ProfileDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\x12\x31\n\x07scorers\x18\x03 \x03(\x0b\x32 .inference_epp.v1.WeightedScorer\x12\x0e\n\x06picker\x18\x04 \x01(\t\"\xa4\x01\n\x14SchedulerDescription\x12\x16\n\x0e\x63onfig_profile\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x17\n\x0fprofile_handler\x18\x04 \x01(\t\x12\x36\n\x08profiles\x18\x05 \x03(\x0b\x32$.inference_epp.v1.ProfileDescription2\xe0\x01\n\x13\x45ndpointPickerAdmin\x12`\n\rListEndpoints\x12&.inference_epp.v1.ListEndpointsRequest\x1a\'.inference_epp.v1.ListEndpointsResponse\x12g\n\x11\x44\x65scribeScheduler\x12*.inference_epp.v1.DescribeSchedulerRequest\x1a&.inference_epp.v1.SchedulerDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pp/admin/v1/admin.proto\x12\x10inference_epp.v1\"\x16\n\x14ListEndpointsRequest\"0\n\rTransferPoint\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x94\x05\n\x0c\x45ndpointInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.inference_epp.v1.EndpointInfo.LabelsEntry\x12\x12\n\nkv_backend\x18\x05 \x01(\t\x12 \n\x13metrics_age_seconds\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07waiting\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07running\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0ekv_cache_usage\x18\t \x01(\x01H\x03\x88\x01\x01\x12&\n\x19prefill_tokens_per_second\x18\n \x01(\x01H\x04\x88\x01\x01\x12%\n\x18\x64\x65\x63ode_seconds_per_token\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x39\n\x10transfer_profile\x18\x0c \x03(\x0b\x32\x1f.inference_epp.v1.TransferPoint\x12\x1d\n\x15transfer_block_tokens\x18\r \x01(\x05\x12\x14\n\x0cscrape_error\x18\x0e \x01(\t\x12\x30\n\x06health\x18\x0f \x01(\x0b\x32 .inference_epp.v1.EndpointHealth\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_metrics_age_secondsB\n\n\x08_waitingB\n\n\x08_runningB\x11\n\x0f_kv_cache_usageB\x1c\n\x1a_prefill_tokens_per_secondB\x1b\n\x19_decode_seconds_per_token\"(\n\x0bInstancesUp\x12\n\n\x02up\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"\x82\x06\n\x0e\x45ndpointHealth\x12\r\n\x05state\x18\x01 \x01(\t\x12\x12\n\x05ready\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10readiness_detail\x18\x03 \x01(\t\x12\x17\n\x0f\x65jection_reason\x18\x04 \x01(\t\x12\x17\n\x0f\x65jection_detail\x18\x05 \x01(\t\x12\x1b\n\x13\x65jected_for_seconds\x18\x06 \x01(\x01\x12\x42\n\tejections\x18\x07 \x03(\x0b\x32/.inference_epp.v1.EndpointHealth.EjectionsEntry\x12@\n\x08outcomes\x18\x08 \x03(\x0b\x32..inference_epp.v1.EndpointHealth.OutcomesEntry\x12\x17\n\x0f\x63onsecutive_5xx\x18\t \x01(\x05\x12$\n\x1c\x63onsecutive_gateway_failures\x18\n \x01(\x05\x12\x14\n\x0clast_failure\x18\x0b \x01(\t\x12%\n\x18last_failure_age_seconds\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cttfb_seconds\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x42\n\tinstances\x18\x0e \x03(\x0b\x32/.inference_epp.v1.EndpointHealth.InstancesEntry\x12\x17\n\x0ftrial_in_flight\x18\x0f \x01(\x08\x1a\x30\n\x0e\x45jectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rOutcomesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1aO\n\x0eInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.inference_epp.v1.InstancesUp:\x02\x38\x01\x42\x08\n\x06_readyB\x1b\n\x19_last_failure_age_secondsB\x0f\n\r_ttfb_seconds\"Z\n\x15ListEndpointsResponse\x12\x31\n\tendpoints\x18\x01 \x03(\x0b\x32\x1e.inference_epp.v1.EndpointInfo\x12\x0e\n\x06synced\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65scribeSchedulerRequest\".\n\x0eWeightedScorer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"v\n\x12ProfileDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\x12\x31\n\x07scorers\x18\x03 \x03(\x0b\x32 .inference_epp.v1.WeightedScorer\x12\x0e\n\x06picker\x18\x04 \x01(\t\"\xa4\x01\n\x14SchedulerDescription\x12\x16\n\x0e\x63onfig_profile\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x17\n\x0fprofile_handler\x18\x04 \x01(\t\x12\x36\n\x08profiles\x18\x05 \x03(\x0b\x32$.inference_epp.v1.ProfileDescription2\xe0\x01\n\x13\x45ndpointPickerAdmin\x12`\n\rListEndpoints\x12&.inference_epp.v1.ListEndpointsRequest\x1a\'.inference_epp.v1.ListEndpointsResponse\x12g\n\x11\x44\x65scribeScheduler\x12*.inference_epp.v1.DescribeSchedulerRequest\x1a&.inference_epp.v1.SchedulerDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENDPOINTINFO_LABELSENTRY']._loaded_options = None
   _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ENDPOINTHEALTH_EJECTIONSENTRY']._loaded_options = None
+  _globals['_ENDPOINTHEALTH_EJECTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_ENDPOINTHEALTH_OUTCOMESENTRY']._loaded_options = None
+  _globals['_ENDPOINTHEALTH_OUTCOMESENTRY']._serialized_options = b'8\001'
+  _globals['_ENDPOINTHEALTH_INSTANCESENTRY']._loaded_options = None
+  _globals['_ENDPOINTHEALTH_INSTANCESENTRY']._serialized_options = b'8\001'
   _globals['_LISTENDPOINTSREQUEST']._serialized_start=46
   _globals['_LISTENDPOINTSREQUEST']._serialized_end=68
   _globals['_TRANSFERPOINT']._serialized_start=70
   _globals['_TRANSFERPOINT']._serialized_end=118
   _globals['_ENDPOINTINFO']._serialized_start=121
-  _globals['_ENDPOINTINFO']._serialized_end=731
-  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_start=560
-  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_end=605
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=733
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=823
-  _globals['_DESCRIBESCHEDULERREQUEST']._serialized_start=825
-  _globals['_DESCRIBESCHEDULERREQUEST']._serialized_end=851
-  _globals['_WEIGHTEDSCORER']._serialized_start=853
-  _globals['_WEIGHTEDSCORER']._serialized_end=899
-  _globals['_PROFILEDESCRIPTION']._serialized_start=901
-  _globals['_PROFILEDESCRIPTION']._serialized_end=1019
-  _globals['_SCHEDULERDESCRIPTION']._serialized_start=1022
-  _globals['_SCHEDULERDESCRIPTION']._serialized_end=1186
-  _globals['_ENDPOINTPICKERADMIN']._serialized_start=1189
-  _globals['_ENDPOINTPICKERADMIN']._serialized_end=1413
+  _globals['_ENDPOINTINFO']._serialized_end=781
+  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_start=610
+  _globals['_ENDPOINTINFO_LABELSENTRY']._serialized_end=655
+  _globals['_INSTANCESUP']._serialized_start=783
+  _globals['_INSTANCESUP']._serialized_end=823
+  _globals['_ENDPOINTHEALTH']._serialized_start=826
+  _globals['_ENDPOINTHEALTH']._serialized_end=1596
+  _globals['_ENDPOINTHEALTH_EJECTIONSENTRY']._serialized_start=1362
+  _globals['_ENDPOINTHEALTH_EJECTIONSENTRY']._serialized_end=1410
+  _globals['_ENDPOINTHEALTH_OUTCOMESENTRY']._serialized_start=1412
+  _globals['_ENDPOINTHEALTH_OUTCOMESENTRY']._serialized_end=1459
+  _globals['_ENDPOINTHEALTH_INSTANCESENTRY']._serialized_start=1461
+  _globals['_ENDPOINTHEALTH_INSTANCESENTRY']._serialized_end=1540
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=1598
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=1688
+  _globals['_DESCRIBESCHEDULERREQUEST']._serialized_start=1690
+  _globals['_DESCRIBESCHEDULERREQUEST']._serialized_end=1716
+  _globals['_WEIGHTEDSCORER']._serialized_start=1718
+  _globals['_WEIGHTEDSCORER']._serialized_end=1764
+  _globals['_PROFILEDESCRIPTION']._serialized_start=1766
+  _globals['_PROFILEDESCRIPTION']._serialized_end=1884
+  _globals['_SCHEDULERDESCRIPTION']._serialized_start=1887
+  _globals['_SCHEDULERDESCRIPTION']._serialized_end=2051
+  _globals['_ENDPOINTPICKERADMIN']._serialized_start=2054
+  _globals['_ENDPOINTPICKERADMIN']._serialized_end=2278
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ class TransferPoint(_message.Message):
     def __init__(self, blocks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("name", "address", "port", "labels", "kv_backend", "metrics_age_seconds", "waiting", "running", "kv_cache_usage", "prefill_tokens_per_second", "decode_seconds_per_token", "transfer_profile", "transfer_block_tokens", "scrape_error")
+    __slots__ = ("name", "address", "port", "labels", "kv_backend", "metrics_age_seconds", "waiting", "running", "kv_cache_usage", "prefill_tokens_per_second", "decode_seconds_per_token", "transfer_profile", "transfer_block_tokens", "scrape_error", "health")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class EndpointInfo(_message.Message):
     TRANSFER_PROFILE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCRAPE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     port: int
@@ -55,7 +56,71 @@ class EndpointInfo(_message.Message):
     transfer_profile: _containers.RepeatedCompositeFieldContainer[TransferPoint]
     transfer_block_tokens: int
     scrape_error: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., kv_backend: _Optional[str] = ..., metrics_age_seconds: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_seconds_per_token: _Optional[float] = ..., transfer_profile: _Optional[_Iterable[_Union[TransferPoint, _Mapping]]] = ..., transfer_block_tokens: _Optional[int] = ..., scrape_error: _Optional[str] = ...) -> None: ...
+    health: EndpointHealth
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., kv_backend: _Optional[str] = ..., metrics_age_seconds: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_seconds_per_token: _Optional[float] = ..., transfer_profile: _Optional[_Iterable[_Union[TransferPoint, _Mapping]]] = ..., transfer_block_tokens: _Optional[int] = ..., scrape_error: _Optional[str] = ..., health: _Optional[_Union[EndpointHealth, _Mapping]] = ...) -> None: ...
+
+class InstancesUp(_message.Message):
+    __slots__ = ("up", "total")
+    UP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    up: int
+    total: int
+    def __init__(self, up: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class EndpointHealth(_message.Message):
+    __slots__ = ("state", "ready", "readiness_detail", "ejection_reason", "ejection_detail", "ejected_for_seconds", "ejections", "outcomes", "consecutive_5xx", "consecutive_gateway_failures", "last_failure", "last_failure_age_seconds", "ttfb_seconds", "instances", "trial_in_flight")
+    class EjectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class OutcomesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class InstancesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: InstancesUp
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[InstancesUp, _Mapping]] = ...) -> None: ...
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    READINESS_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    EJECTION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_5XX_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_GATEWAY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTFB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    ready: bool
+    readiness_detail: str
+    ejection_reason: str
+    ejection_detail: str
+    ejected_for_seconds: float
+    ejections: _containers.ScalarMap[str, int]
+    outcomes: _containers.ScalarMap[str, int]
+    consecutive_5xx: int
+    consecutive_gateway_failures: int
+    last_failure: str
+    last_failure_age_seconds: float
+    ttfb_seconds: float
+    instances: _containers.MessageMap[str, InstancesUp]
+    trial_in_flight: bool
+    def __init__(self, state: _Optional[str] = ..., ready: _Optional[bool] = ..., readiness_detail: _Optional[str] = ..., ejection_reason: _Optional[str] = ..., ejection_detail: _Optional[str] = ..., ejected_for_seconds: _Optional[float] = ..., ejections: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., consecutive_5xx: _Optional[int] = ..., consecutive_gateway_failures: _Optional[int] = ..., last_failure: _Optional[str] = ..., last_failure_age_seconds: _Optional[float] = ..., ttfb_seconds: _Optional[float] = ..., instances: _Optional[_Mapping[str, InstancesUp]] = ..., trial_in_flight: _Optional[bool] = ...) -> None: ...
 
 class ListEndpointsResponse(_message.Message):
     __slots__ = ("endpoints", "synced")

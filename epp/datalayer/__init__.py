@@ -1,0 +1,1 @@
+"""The data layer: metrics sources and extractors, endpoint discovery plugins, in-flight load."""

@@ -1,0 +1,1 @@
+"""High availability: active-passive replicas by leader election."""

@@ -1,0 +1,1 @@
+"""Request handling: the parsers that turn a request body into what plugins see."""

@@ -1,0 +1,7 @@
+"""Data producer plugins (llm-d PrepareRequestData: per-request data for filters and scorers). Every module in this package registers its plugins on import."""
+
+import importlib
+import pkgutil
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
