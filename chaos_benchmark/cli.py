@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from epp.util.progress import progress
 
 from chaos_benchmark import faults as fx
 from chaos_benchmark.client import run_load
@@ -152,7 +152,7 @@ async def _until_dead_serves(stack, args, dead: str, since: float, run_id: str, 
 async def _one_run(stack, args, schedule, workload, run_id: str) -> tuple[list, list, float, list[dict]]:
     actions: list[dict] = []
     t0 = time.time() + 0.2
-    with tqdm(total=len(workload), desc=run_id, unit="req", leave=False) as bar:
+    with progress(len(workload), desc=run_id, unit="req", leave=False) as bar:
         load = asyncio.create_task(run_load(stack.gateway_url, args.model, workload, run_id, args.request_timeout, bar.update, t0))
         faults = asyncio.create_task(_schedule(stack, schedule, t0, actions))
         sent, start = await load

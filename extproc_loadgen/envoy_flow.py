@@ -27,11 +27,11 @@ MODES = {
 
 
 def headers_message(headers: dict[str, str], *, end_of_stream: bool = False, request: bool = True,
-                    mode: str | None = None, subset: Sequence[str] | None = None,
+                    mode: str | None = None, response_mode: str | None = None, subset: Sequence[str] | None = None,
                     filter_metadata: dict[str, dict[str, Any]] | None = None) -> pb.ProcessingRequest:
     """A request_headers (or response_headers) message as Envoy sends it.
 
-    `mode` is announced in `protocol_config`; `subset` becomes the `envoy.lb.subset_hint`;
+    `mode` is announced in `protocol_config` (for the response too unless `response_mode`); `subset` becomes the `envoy.lb.subset_hint`;
     `filter_metadata` adds namespaces to `metadata_context` (e.g. the served endpoint).
     """
     hm = pb.HttpHeaders(
@@ -41,7 +41,8 @@ def headers_message(headers: dict[str, str], *, end_of_stream: bool = False, req
     req = pb.ProcessingRequest(request_headers=hm) if request else pb.ProcessingRequest(response_headers=hm)
     if mode is not None:
         m = MODES[mode]
-        req.protocol_config.CopyFrom(pb.ProtocolConfiguration(request_body_mode=m, response_body_mode=m))
+        rm = MODES[response_mode or mode]
+        req.protocol_config.CopyFrom(pb.ProtocolConfiguration(request_body_mode=m, response_body_mode=rm))
     namespaces = dict(filter_metadata or {})
     if subset is not None:
         namespaces["envoy.lb.subset_hint"] = {"x-gateway-destination-endpoint-subset": list(subset)}
@@ -111,8 +112,8 @@ def _apply_body(res: FlowResult, common: pb.CommonResponse, original: bytes, req
 class EnvoyStream:
     """One HTTP request's ext_proc stream, driven like Envoy drives it."""
 
-    def __init__(self, stub: pb_grpc.ExternalProcessorStub, mode: str = "FULL_DUPLEX_STREAMED") -> None:
-        self.stub, self.mode = stub, mode
+    def __init__(self, stub: pb_grpc.ExternalProcessorStub, mode: str = "FULL_DUPLEX_STREAMED", response_mode: str | None = None) -> None:
+        self.stub, self.mode, self.response_mode = stub, mode, response_mode or mode
         self.call = stub.Process()
         self.res = FlowResult()
 
@@ -135,7 +136,8 @@ class EnvoyStream:
                            subset: Sequence[str] | None = None, send_mode: bool = True) -> FlowResult:
         res, call = self.res, self.call
         mode = self.mode if send_mode else None
-        await call.write(headers_message(headers, end_of_stream=body is None, mode=mode, subset=subset))
+        await call.write(headers_message(headers, end_of_stream=body is None, mode=mode, response_mode=self.response_mode if mode else None,
+                                         subset=subset))
         if body is None:
             r = await self._read()
             if r is not None and r.HasField("request_headers"):
@@ -192,16 +194,16 @@ class EnvoyStream:
         await self._read()
         if not body_chunks:
             return res
-        if self.mode == "BUFFERED":
+        if self.response_mode == "BUFFERED":
             body_chunks = [b"".join(body_chunks)]
         for i, c in enumerate(body_chunks):
             eos = i == len(body_chunks) - 1
             await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=c, end_of_stream=eos)))
-            if self.mode != "FULL_DUPLEX_STREAMED":
+            if self.response_mode != "FULL_DUPLEX_STREAMED":
                 r = await self._read()
                 if r is not None:
                     _apply_body(res, r.response_body.response, c, False)
-        if self.mode == "FULL_DUPLEX_STREAMED":
+        if self.response_mode == "FULL_DUPLEX_STREAMED":
             while True:
                 r = await self._read()
                 if r is None or (r.HasField("response_body") and _apply_body(res, r.response_body.response, b"", False)):

@@ -27,17 +27,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="sim: vLLM simulators; vllm: real vLLM CPU servers with the tiny local model (make vllm-setup) "
                         "(default: the topology's, else sim)")
     p.add_argument("--workdir", default=".stack", help="logs, endpoints file, KV directories and profiles go here")
-    p.add_argument("--gateway-port", type=int, default=18080, help="development gateway port")
+    p.add_argument("--gateway-port", type=int, default=18080, help="Envoy's listener: where clients send requests")
+    p.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy's admin API (/stats, /clusters, /ready)")
     p.add_argument("--grpc-port", type=int, default=9002, help="EPP ext_proc port")
     p.add_argument("--grpc-health-port", type=int, default=9003, help="EPP gRPC health port")
     p.add_argument("--metrics-port", type=int, default=9090, help="EPP metrics port")
     p.add_argument("--body-mode", default="FULL_DUPLEX_STREAMED", choices=("FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"),
-                   help="ext_proc body mode the gateway uses")
+                   help="Envoy's ext_proc request body mode (STREAMED is refused by the EPP for requests with a body: see docs/extproc.md)")
 
 
 def build(args: argparse.Namespace) -> LocalStack:
     return LocalStack(load_topology(args.topology, args.engine), args.profile, args.workdir,
-                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port), args.body_mode)
+                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port, envoy_admin=args.envoy_admin_port), args.body_mode)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -57,14 +58,15 @@ def up(args: argparse.Namespace) -> int:
         stack.start(progress=lambda m: print(f"[epp-stack] {m}", flush=True))
         started.set()
         print(f"""
-[epp-stack] ready: EPP profile `{stack.profile}`, gateway {stack.gateway_url}
+[epp-stack] ready: EPP profile `{stack.profile}`, Envoy gateway {stack.gateway_url}
   send a request:
     curl -s {stack.gateway_url}/v1/chat/completions -H 'content-type: application/json' \\
       -d '{{"model":"{stack.topology.model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":8}}'
   pick the KV backend yourself (profiles honouring x-kv-backend, e.g. default, kv-backend-ab): add -H 'x-kv-backend: fs'
   decisions so far:  epp decisions {stack.epp_log}
-  logs:              {stack.logs}/
+  logs:              {stack.logs}/   (envoy.log: Envoy's JSON access log, one line per request)
   EPP metrics:       http://127.0.0.1:{stack.ports.metrics}/metrics
+  Envoy admin/stats: {stack.envoy_admin_url}/stats   (config: {stack.envoy_config})
   Ctrl-C stops everything.""", flush=True)
         while not stop.is_set():
             if len(stack.alive()) != len(stack.procs.children) + len(stack.epp_procs.children):

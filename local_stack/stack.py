@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.envoy_config import EnvoySettings
+from gateway.envoy_process import start_envoy, wait_envoy_ready
 from local_stack import vllm_pairs
 from local_stack.processes import Child, ProcessGroup
 from local_stack.topology import Backend, Topology
@@ -72,6 +74,7 @@ class StackPorts:
     grpc: int = 9002
     grpc_health: int = 9003
     metrics: int = 9090
+    envoy_admin: int = 0  # Envoy's admin/stats port; 0 = a free one, chosen at start
     kv_events: int = 0  # where the EPP hears the prefill engines' KV events; 0 = a free port at start
 
 
@@ -91,6 +94,15 @@ class LocalStack:
         self.proxies: list[ProxyInfo] = []
         self.epp: Child | None = None
         self.epp_procs = ProcessGroup(self.logs)
+        self.envoy: Child | None = None
+
+    @property
+    def envoy_config(self) -> Path:
+        return self.workdir / "envoy.yaml"
+
+    @property
+    def envoy_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy_admin}"
 
     @property
     def gateway_url(self) -> str:
@@ -133,10 +145,16 @@ class LocalStack:
         progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
         self.write_endpoints()
         self.start_epp(self.profile)
-        gw = self.procs.start("dev-gateway", ["dev_gateway.cli", "--port", str(self.ports.gateway), "--epp", f"127.0.0.1:{self.ports.grpc}",
-                                              "--body-mode", self.body_mode])
-        _wait_tcp(gw, self.ports.gateway)
-        progress(f"dev-gateway ready on {self.gateway_url}")
+        self.start_gateway()
+        progress(f"Envoy ready on {self.gateway_url} (ext_proc {self.body_mode}; admin and stats {self.envoy_admin_url}/stats)")
+
+    def start_gateway(self) -> None:
+        """Real Envoy in front of the EPP, its config rendered from the one shared template (gateway/envoy_config.py)."""
+        if not self.ports.envoy_admin:
+            self.ports.envoy_admin = free_port()
+        settings = EnvoySettings.local(self.ports.gateway, self.ports.envoy_admin, [self.ports.grpc], body_mode=self.body_mode)
+        self.envoy = start_envoy(self.procs, settings, self.envoy_config)
+        wait_envoy_ready(self.envoy, self.ports.envoy_admin)
 
     def _profile_backends(self, progress) -> dict[str, Path]:
         """Profile each backend with the sims' own shape and link model (a short run of kv-bandwidth-profiler)."""
@@ -206,6 +224,8 @@ class LocalStack:
         ], env={"EPP_PROFILES_DIR": str(self._epp_profiles())})
         self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
         _wait_grpc_serving(self.epp, self.ports.grpc_health)
+        if self.envoy is not None and self.envoy.proc.poll() is None:
+            wait_envoy_ready(self.envoy, self.ports.envoy_admin)  # Envoy's health check has seen the new EPP
 
     def kv_events_config(self, endpoint_port: int) -> dict:
         """vLLM's `--kv-events-config` for an engine behind the endpoint on `endpoint_port` (simulated or real)."""
@@ -281,19 +301,6 @@ def _reset_prefix_cache(port: int) -> bool:
         return json.loads(body).get("success", True) is not False
     except (ValueError, AttributeError):
         return True  # the simulator answers an empty body
-
-
-def _wait_tcp(child: Child, port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited; see {child.log_path}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{child.name} not listening on {port}")
 
 
 def _wait_grpc_serving(child: Child, port: int, timeout: float = 30.0) -> None:

@@ -372,7 +372,7 @@ class _Builder:
             text = str(e)
             path = at + ("parameters",)
             for key in params:
-                if any(f"{sep}{key}{end}" in f": {text}" for sep in (": ", "; ") for end in (" ", ":", ".", "[")):
+                if any(f"{sep}{key}{end}" in f": {text}" for sep in (": ", "; ") for end in (" ", ":", ".", "[", ",")):
                     path = at + ("parameters", key)  # point at the offending parameter's line
                     break
             self.error(path, text)

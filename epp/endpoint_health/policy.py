@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from epp.scheduling.framework import ConfigError
+from epp.scheduling.registry import reject_unknown
 from epp.util.duration import parse_duration
 
 
@@ -149,13 +150,11 @@ def _section(plugin: str, prefix: str, data: Any, spec: Mapping[str, tuple[str, 
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"plugin {plugin!r}: {prefix or 'parameters'}: must be a map")
+    reject_unknown(plugin, data, (*spec, *skip), where=prefix)
     values = {}
     for key, v in data.items():
         if key in skip:
             continue
-        if key not in spec:
-            known = ", ".join(sorted((*spec, *skip)))
-            raise ConfigError(f"plugin {plugin!r}: {prefix}{key}: unknown parameter; known: {known}")
         attr, kind = spec[key]
         values[attr] = _value(plugin, f"{prefix}{key}", kind, v)
     return cls(**values)

@@ -4,8 +4,11 @@ Phases: idle → request body → routed → response → done. Request path: he
 (accumulated to end_of_stream, or to request trailers) → schedule → reply. In
 FULL_DUPLEX_STREAMED mode (GIE's default) the headers reply is deferred until the body is
 scheduled, then sent before the body, which is re-emitted in ≤62,000-byte chunks. In BUFFERED
-and STREAMED modes (Envoy says which in `protocol_config`) Envoy waits for the headers reply
-first, so it is a plain CONTINUE and the routing mutation rides on the final body reply.
+mode (Envoy says which in `protocol_config`) Envoy waits for the headers reply first and holds
+the request until the body reply, so the headers reply is a CONTINUE that strips client-set
+routing headers and the routing mutation rides on the body reply. In STREAMED mode Envoy picks
+the upstream as soon as the headers reply arrives, before the body exists to schedule on, so a
+request with a body is refused at its first message; headers-only requests route as in GIE.
 
 Response path: status and content type from the headers, usage from the JSON body or from SSE
 `data:` lines, the client's model name restored when it was rewritten, and the request's state
@@ -29,6 +32,7 @@ from epp.extproc import messages as msg
 from epp.extproc.body_budget import BodyBudget
 from epp.extproc.director import Director, InFlight
 from epp.endpoint_health.outcomes import stream_error_status
+from epp.extproc.request_parser import api_of
 from epp.observability.logging import get_logger
 from epp.scheduling.framework import LLMRequest, SchedulingError
 
@@ -55,6 +59,14 @@ CLIENT_FORBIDDEN = (
     "x-llm-d-inference-fairness-id",
     "x-encoder-hosts-ports",
     "x-data-parallel-host-port",
+)
+
+# Methods that carry an inference request's body; a headers-only one to an inference path is a client error.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+STREAMED_REFUSED = SchedulingError(
+    "Internal",
+    "the gateway sends the request body in ext_proc mode STREAMED, where Envoy picks the upstream before the body "
+    "reaches the endpoint picker; configure request_body_mode FULL_DUPLEX_STREAMED (or BUFFERED) in the ext_proc filter",
 )
 
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
@@ -169,8 +181,10 @@ class StreamHandler:
             return [msg.trailers_response(request=True)]
         if kind in ("response_headers", "response_body", "response_trailers"):
             if phase == REQUEST_BODY:
-                return self._violation(kind)  # a response before the request was routed
-            if phase in (IDLE, ROUTED):
+                # Envoy replied to the client itself before the body was complete (its 413 when a BUFFERED
+                # body outgrows its buffer): drop what was held and answer, or Envoy waits for message_timeout.
+                self._drop_body()
+            if phase in (IDLE, ROUTED, REQUEST_BODY):
                 self.phase = RESPONSE
             if kind == "response_headers":
                 return self._response_headers(req.response_headers)
@@ -203,9 +217,7 @@ class StreamHandler:
             pc = req.protocol_config
             self.request_mode = pc.request_body_mode or _FULL_DUPLEX
             self.response_mode = pc.response_body_mode or _FULL_DUPLEX
-            self.deferred = self.request_mode == _FULL_DUPLEX or (
-                self.request_mode == _STREAMED and pc.send_body_without_waiting_for_header_response
-            )
+            self.deferred = self.request_mode == _FULL_DUPLEX
         hm = req.request_headers
         self.headers = headers = _headers_of(hm.headers)
         self.path = headers.get(":path", "")
@@ -218,15 +230,19 @@ class StreamHandler:
         self.subset = _subset_of(req)
         if hm.end_of_stream:
             self.phase = ROUTED
+            if headers.get(":method", "POST") in BODY_METHODS and api_of(self.path):
+                return self._schedule(b"")  # an inference call without a body: the parser's clear 400
             try:
                 ep = self.director.pick_for_headers_only(self.subset)
             except SchedulingError as e:
                 return self._reject(e)
             return [self._routing_headers_reply(ep.hostport, 0)]
+        if self.request_mode == _STREAMED:
+            return self._reject(STREAMED_REFUSED)
         self.phase = REQUEST_BODY
         if not self.deferred:
-            # Envoy waits for this reply before sending the body; strip forbidden client headers now.
-            return [msg.request_headers_response(remove=self._forbidden_present())]
+            # BUFFERED: Envoy waits for this reply, then for the body reply before routing.
+            return [msg.request_headers_response(remove=self._forbidden_present(keep_destination=False))]
         return []
 
     def _request_body(self, b: pb.HttpBody) -> list[pb.ProcessingResponse]:
@@ -250,20 +266,11 @@ class StreamHandler:
         if not b.end_of_stream:
             if self.request_mode == _BUFFERED:
                 return self._body_complete(end_of_stream=False)  # the whole body, trailers follow
-            if self.request_mode == _STREAMED and not self.deferred:
-                return [msg.body_response(request=True, clear_body=True)]  # withheld; re-sent whole at the end
             return []
         return self._body_complete(end_of_stream=True)
 
     def _request_trailers(self) -> list[pb.ProcessingResponse]:
         """Trailers end a body sent without end_of_stream: route it, then answer the trailers."""
-        if self.request_mode == _STREAMED and not self.deferred:
-            # Each chunk was withheld to re-send the whole body with the route on the last body reply,
-            # and a TrailersResponse cannot carry a body: this request cannot be routed correctly.
-            log.warning("Request trailers after a STREAMED body", request_id=self.request_id)
-            return self._reject(SchedulingError(
-                "Internal", "a STREAMED request body that ends with trailers cannot be routed; "
-                            "set the ext_proc request_body_mode to FULL_DUPLEX_STREAMED or BUFFERED"), log=False)
         out = self._body_complete(end_of_stream=False)
         if not self.rejected:
             out.append(msg.trailers_response(request=True))
@@ -359,8 +366,9 @@ class StreamHandler:
             h["x-request-id"] = self.request_id
         return h
 
-    def _forbidden_present(self) -> list[str]:
-        return [k for k in CLIENT_FORBIDDEN if k in self.headers and k != msg.DESTINATION_HEADER]
+    def _forbidden_present(self, keep_destination: bool = True) -> list[str]:
+        """Client-set routing headers to remove; the destination is kept only where the same reply overwrites it."""
+        return [k for k in CLIENT_FORBIDDEN if k in self.headers and not (keep_destination and k == msg.DESTINATION_HEADER)]
 
     def _routing_headers_reply(self, destination: str, body_len: int, scores: dict[str, float] | None = None) -> pb.ProcessingResponse:
         return msg.request_headers_response(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from epp.scheduling.framework import ConfigError
+from epp.scheduling.registry import reject_unknown
 from epp.util.duration import parse_duration
 
 
@@ -17,10 +18,7 @@ class Params:
         self.plugin = plugin
         self.where = where  # dotted prefix for nested maps, e.g. "kvEventsConfig."
         self.values = dict(parameters or {})
-        allowed = set(known)
-        for key in self.values:
-            if key not in allowed:
-                raise self.error(key, f"unknown parameter; expected one of {', '.join(sorted(allowed))}")
+        reject_unknown(plugin, self.values, known, where=where)
 
     def error(self, field: str, message: str) -> ConfigError:
         return ConfigError(f"plugin {self.plugin!r}: {self.where}{field} {message}")

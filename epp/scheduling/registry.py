@@ -120,14 +120,18 @@ def positive_duration(plugin: str, parameters: Mapping[str, Any], field: str, de
     return seconds
 
 
-def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[str]) -> None:
-    """A ConfigError naming every parameter the plugin does not have: nothing in a config is silently ignored."""
+def reject_unknown(plugin: str, parameters: Mapping[str, Any], known: Iterable[str], *, where: str = "") -> None:
+    """A ConfigError naming every parameter the plugin does not have: nothing in a config is silently ignored.
+
+    The one check every plugin uses (directly, through `Params`, or for nested maps with `where`
+    as the dotted prefix); the loader's read-tracking is only a backstop for factories that skip it.
+    """
     known = set(known)
     unknown = sorted(set(parameters) - known)
     if unknown:
-        raise ConfigError(
-            f"plugin {plugin!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
-        )
+        names = ", ".join(f"{where}{k}" for k in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"plugin {plugin!r}: {names}: unknown parameter{plural}; known: {', '.join(sorted(known)) or 'none'}")
 
 
 def link_producers(instances: dict[str, Any], ctx: PluginContext) -> list[str]:

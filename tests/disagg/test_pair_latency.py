@@ -203,7 +203,7 @@ def test_config_errors(paired):
         paired(decider="pairScorer: x")
     with pytest.raises(ConfigError, match="either here or on pairScorer"):
         paired(decider="pairScorer: pd-pair-latency-scorer, batchSlowdown: 0.1")
-    with pytest.raises(ConfigError, match="unknown parameter.s. speed"):
+    with pytest.raises(ConfigError, match="speed: unknown parameter"):
         paired(extra=", speed: 3")
     with pytest.raises(ConfigError, match="localPrefill must be true or false"):
         paired(extra=", localPrefill: 3")

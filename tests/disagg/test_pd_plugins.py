@@ -72,7 +72,7 @@ def test_prefix_decider_zero_never_disaggregates_and_bad_values_are_errors():
     assert not pd().plugins["prefix-based-pd-decider"].__class__("x", 0, 0).decide(CycleState(), request(10_000), None).disaggregate
     with pytest.raises(ConfigError, match="promptTokens cannot be negative"):
         pd(prompt_tokens=-1)
-    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) threshold"):
+    with pytest.raises(ConfigError, match=r"threshold: unknown parameter"):
         Built(PD.format(handler="deciders: {prefill: prefix-based-pd-decider}", prompt_tokens=0).replace("nonCachedTokens: 16", "threshold: 1"),
               [pod("d", "decode", "10.0.0.2")])
 

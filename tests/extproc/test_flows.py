@@ -1,14 +1,17 @@
-"""The EPP driven over a real gRPC channel exactly as Envoy drives it, in all three body modes."""
+"""The EPP driven over a real gRPC channel exactly as Envoy drives it, in each body mode (STREAMED: refused)."""
 
 import asyncio
 import json
 
+import grpc
 import pytest
 
-from extproc_loadgen.envoy_flow import EnvoyStream
+from extproc_loadgen.envoy_flow import EnvoyStream, headers_message
 from tests.conftest import async_wait_until
 
-MODES = ["FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"]
+MODES = ["FULL_DUPLEX_STREAMED", "BUFFERED"]  # the request body modes that route (STREAMED is refused)
+# (request, response) body modes as the shipped configs pair them: BUFFERED requests stream their responses.
+MODE_PAIRS = [("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED"), ("BUFFERED", "STREAMED"), ("BUFFERED", "BUFFERED")]
 ENDPOINTS = {"127.0.0.1:18081", "127.0.0.1:18082"}
 
 
@@ -42,9 +45,9 @@ async def test_routes_and_reemits_body(epp, mode):
     assert epp.director.inflight == {}
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_streaming_response_passes_through_and_releases(epp, mode):
-    s = EnvoyStream(epp.stub, mode)
+@pytest.mark.parametrize("mode,response_mode", MODE_PAIRS)
+async def test_streaming_response_passes_through_and_releases(epp, mode, response_mode):
+    s = EnvoyStream(epp.stub, mode, response_mode)
     res = await s.send_request(req_headers(), chat(stream=True))
     assert res.destination in ENDPOINTS
     assert len(epp.director.inflight) == 1
@@ -94,7 +97,38 @@ async def test_client_cannot_choose_the_endpoint(epp):
         assert res.destination in ENDPOINTS
         assert "x-prefiller-host-port" in res.removed_headers
         assert "x-gateway-destination-endpoint-served" in res.removed_headers
+        if mode == "BUFFERED":  # the headers reply that lets Envoy go on already drops the client's destination
+            assert "x-gateway-destination-endpoint" in res.header_reply.request_headers.response.header_mutation.remove_headers
         await s.close()
+
+
+@pytest.mark.parametrize("send_body_without_waiting", [False, True])
+async def test_streamed_mode_is_refused_at_the_first_message(epp, send_body_without_waiting):
+    """Envoy routes a STREAMED request when the headers reply arrives, before the body can be scheduled on."""
+    s = EnvoyStream(epp.stub, "STREAMED")
+    msg = headers_message(req_headers(**{"x-gateway-destination-endpoint": "6.6.6.6:1"}), mode="STREAMED")
+    msg.protocol_config.send_body_without_waiting_for_header_response = send_body_without_waiting
+    await s.call.write(msg)
+    r = await s.call.read()
+    assert r.immediate_response.status.code == 500
+    assert r.immediate_response.body.decode().startswith("inference error: Internal - the gateway sends the request body in ext_proc mode STREAMED")
+    assert "FULL_DUPLEX_STREAMED" in r.immediate_response.body.decode()
+    await s.call.done_writing()  # Envoy ends its side after an ImmediateResponse
+    assert await s.call.read() is grpc.aio.EOF  # nothing more: nothing routes the request
+    assert epp.director.inflight == {}
+    get = EnvoyStream(epp.stub, "STREAMED")  # a headers-only request routes at the headers reply, as in GIE
+    assert (await get.send_request({":method": "GET", ":path": "/v1/models"}, None)).destination in ENDPOINTS
+    await get.close()
+
+
+@pytest.mark.parametrize("mode", MODES + ["STREAMED"])
+async def test_bodiless_inference_post_gets_a_clear_400(epp, mode):
+    """`Content-Length: 0` reaches the EPP as headers with end_of_stream: no body to route on."""
+    s = EnvoyStream(epp.stub, mode)
+    res = await s.send_request(req_headers("/v1/completions"), None)
+    assert res.immediate.status.code == 400
+    assert res.immediate.body.decode() == "inference error: BadRequest - error unmarshaling request bodyMap: empty request body"
+    assert epp.director.inflight == {}
 
 
 async def test_model_rewrite_is_restored_in_response(make_epp):

@@ -30,10 +30,10 @@ async def test_body_ended_by_request_trailers_is_routed_and_trailers_answered(ep
 
 
 async def test_streamed_body_ending_in_trailers_is_refused_clearly(epp):
-    """STREAMED withholds chunks to re-send the body with the route; a TrailersResponse cannot carry it."""
+    """A STREAMED request is refused at its headers (Envoy routes it before the body); what follows is drained."""
     out = await run_sequence(epp.stub, [request_headers(mode="STREAMED"), request_body(CHAT, eos=False), request_trailers()])
     assert out.immediate is not None and out.immediate.status.code == 500
-    assert "FULL_DUPLEX_STREAMED or BUFFERED" in out.immediate.body.decode()
+    assert "configure request_body_mode FULL_DUPLEX_STREAMED (or BUFFERED)" in out.immediate.body.decode()
     assert await async_wait_until(lambda: no_request_state(epp), timeout=10)
 
 
@@ -158,10 +158,18 @@ VIOLATIONS = {
     "request-repeated": [*full_exchange(), *full_exchange()],
     "routed-then-request-again": [request_headers(), request_body(), request_headers(), request_body()],
     "body-before-headers": [request_body(), request_headers(), request_body()],
-    "response-before-routing": [request_headers(), request_body(CHAT, eos=False), response_headers()],
     "empty-message": [request_headers(), request_body(), response_headers(), __import__(
         "envoy.service.ext_proc.v3.external_processor_pb2", fromlist=["x"]).ProcessingRequest()],
 }
+
+
+async def test_envoys_own_reply_before_routing_is_answered_and_releases_the_body(epp):
+    """Real Envoy sends response headers for its own 413 while a BUFFERED body is still arriving."""
+    seq = [request_headers(mode="BUFFERED"), response_headers(status="413"), response_body(b"too large")]
+    out = await run_sequence(epp.stub, seq, timeout=10)
+    assert out.code == grpc.StatusCode.OK
+    assert "response_headers" in out.kinds() and out.kinds()[-1] == "response_body"
+    assert await async_wait_until(lambda: no_request_state(epp), timeout=10)
 
 
 @pytest.mark.parametrize("name", sorted(VIOLATIONS))
