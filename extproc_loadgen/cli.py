@@ -28,6 +28,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc_loadgen.envoy_flow import body_messages, headers_message
+from extproc_loadgen.window import measured_window
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -135,17 +136,7 @@ async def _drive(port: int, concurrency: int, warmup: float, duration: float, bo
                     else:
                         errors += 1
 
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(warmup)
-        before = on_measure()
-        state["measuring"] = True
-        t_start = time.perf_counter()
-        await asyncio.sleep(duration)
-        state["measuring"] = False
-        elapsed = time.perf_counter() - t_start
-        after = on_measure()
-        state["stop"] = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        elapsed, before, after = await measured_window(worker, concurrency, warmup, duration, state, on_measure)
     return {"route": route_lat, "total": total_lat, "errors": errors, "elapsed": elapsed, "before": before, "after": after}
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from extproc_loadgen.cli import _pct, cpu_seconds, scrape
+from extproc_loadgen.window import measured_window
 
 CHAT_BODY_WORDS = 400
 PATHS = ("direct", "envoy+epp", "envoy+floor")
@@ -119,17 +120,7 @@ async def _drive(url: str, body: bytes, concurrency: int, warmup: float, duratio
                     else:
                         errors += 1
 
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(warmup)
-        before = on_edge()
-        state["measuring"] = True
-        t_start = time.perf_counter()
-        await asyncio.sleep(duration)
-        state["measuring"] = False
-        elapsed = time.perf_counter() - t_start
-        after = on_edge()
-        state["stop"] = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        elapsed, before, after = await measured_window(worker, concurrency, warmup, duration, state, on_edge)
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "before": before, "after": after}
 
 

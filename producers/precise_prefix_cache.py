@@ -132,7 +132,7 @@ def _ns_duration(p: Params, field: str) -> float:
 @register(TYPE)
 def from_parameters(name: str, parameters: Mapping[str, Any], ctx: PluginContext) -> PrecisePrefixCacheProducer:
     p = Params(name, parameters, ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "speculativeIndexing", "speculativeTTL"))
-    ix = p.nested("indexerConfig", ("kvBlockIndexConfig", "kvCacheBackendConfigs", "tokenizersPoolConfig", "tokenProcessorConfig"))
+    ix = p.nested("indexerConfig", ("kvBlockIndexConfig", "kvCacheBackendConfigs", "tokenProcessorConfig"))
     tp_where = "indexerConfig" if ix.has("tokenProcessorConfig") and not p.has("tokenProcessorConfig") else None  # llm-d ≤ v0.3
     tp = (ix if tp_where else p).nested("tokenProcessorConfig", ("blockSize", "blockSizeTokens", "hashSeed", "hashAlgorithm"))
     block = tp.int("blockSizeTokens", 0, minimum=0) or tp.int("blockSize", 0, minimum=0) or 16
@@ -141,8 +141,6 @@ def from_parameters(name: str, parameters: Mapping[str, Any], ctx: PluginContext
         raise tp.error("hashAlgorithm", f"{algorithm!r} is not supported; use cbor-fnv or xxh64")
     keys = TokenKeys(block, tp.str("hashSeed"), algorithm)
 
-    if ix.has("tokenizersPoolConfig"):
-        raise ix.error("tokenizersPoolConfig", "is not supported (llm-d dropped it too); configure a token-producer plugin")
     kb = ix.nested("kvBlockIndexConfig", ("inMemoryConfig", "redisConfig", "valkeyConfig", "costAwareMemoryConfig",
                                           "enableMetrics", "metricsLoggingInterval"))
     for backend in ("redisConfig", "valkeyConfig", "costAwareMemoryConfig"):

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from epp.config import schema
+from epp.config.go_epp_ignored import strip_ignored
 from epp.config.go_epp_types import explain_unknown
 from epp.flowcontrol.controller import BandTemplate, FlowControlSettings
 from epp.flowcontrol.types import FairnessPolicy, OrderingPolicy, SaturationDetector, UsageLimitPolicy
@@ -365,6 +366,9 @@ class _Builder:
         if reg.experimental and not self.allow_experimental:
             self.error(at + ("type",), f"plugin type {type_name!r} is experimental (alpha); start the EPP with --allow-experimental-plugins to load it")
             return None
+        params, ignored = strip_ignored(type_name, params)
+        for path, reason in ignored:
+            self.warn(at + ("parameters", *path), f"ignored: {reason}")
         tracked = _Tracked(params)
         try:
             plugin = reg.factory(name, tracked, self.ctx)
