@@ -195,6 +195,17 @@ def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from local_stack.processes import interrupt_on_termination
+
+    interrupt_on_termination()  # `kill` stops the stacks this command started, as Ctrl-C does
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("epp-chaos: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from epp.config.loader import list_profiles
     from local_stack.stack import LocalStack, StackPorts, free_port

@@ -107,3 +107,15 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so a command's `finally` stops its children.
+
+    Without it a benchmark killed by `kill` or a closed terminal leaves its whole stack running.
+    """
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)

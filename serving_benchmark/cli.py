@@ -100,6 +100,17 @@ def cache_hits(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    from local_stack.processes import interrupt_on_termination
+
+    interrupt_on_termination()  # `kill` stops the stacks this command started, as Ctrl-C does
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("epp-bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.repeat > 1:
         from serving_benchmark.aggregate import aggregate
