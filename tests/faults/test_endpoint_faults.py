@@ -7,8 +7,8 @@ EPP's own decision log to see when it stopped and started picking the broken end
 
 from __future__ import annotations
 
-import re
 import asyncio
+import re
 import threading
 import time
 from pathlib import Path
