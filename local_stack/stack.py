@@ -70,6 +70,7 @@ class LocalStack:
         self.epp_procs = ProcessGroup(self.logs)
         self.pods: dict = {}  # cluster: pod name -> cluster_stack.PodInfo
         self.epp_env: dict[str, str] = {}
+        self.epp_args: list[str] = []  # extra `epp serve` flags, e.g. --allow-experimental-plugins
 
     @property
     def gateway_url(self) -> str:
@@ -191,7 +192,7 @@ class LocalStack:
         self.epp = self.epp_procs.start("epp", [
             "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), *config, "--secure-serving=false",
             "--bind-address", "127.0.0.1", "--grpc-port", str(self.ports.grpc), "--grpc-health-port", str(self.ports.grpc_health),
-            "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity),
+            "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity), *self.epp_args,
         ], env={"EPP_PROFILES_DIR": str(self._epp_profiles()), **self.epp_env})
         self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
         _wait_grpc_serving(self.epp, self.ports.grpc_health)
@@ -248,7 +249,8 @@ class LocalStack:
 
     def backend_of(self, served: str) -> str:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
-        return next((p.label for p in self.proxies if p.port == port), "unknown")
+        return next((p.label for p in self.proxies if p.port == port), None) or next(
+            (p.kv_backend for p in self.pods.values() if p.endpoint_port == port), "unknown")
 
     def name_of(self, served: str) -> str:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
