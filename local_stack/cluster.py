@@ -53,6 +53,7 @@ class Cluster(_Strict):
     links: list[PairLink] = []
     node_links: dict[str, Link] = {}
     between_nodes: Link | None = None
+    live_profile_max_age: float = Field(10.0, gt=0)  # the sidecars' --live-profile-max-age (s)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -67,7 +67,7 @@ def start_cluster(stack: "LocalStack", progress) -> list:
                 "pd_proxy.cli", "--host", "127.0.0.1", "--port", str(info.sidecar_port), "--mode", "nixl", "--sidecar",
                 "--decode", f"http://127.0.0.1:{info.engine_port}", "--endpoints-file", str(stack.endpoints_file),
                 "--kv-backend", p.kv_backend or "nixl", "--kv-block-tokens", str(t.shape.block_size),
-                "--scrape-interval", str(t.proxy_scrape_interval)])
+                "--scrape-interval", str(t.proxy_scrape_interval), "--live-profile-max-age", str(c.live_profile_max_age)])
             pending.append((side, f"http://127.0.0.1:{info.sidecar_port}/health"))
     progress(f"{len(c.prefills)} prefill pods, {len(c.decodes)} decode pods (each with its sidecar) starting")
     return pending

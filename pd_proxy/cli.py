@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
                    help="sidecar: further attempts on the named prefill after it failed (connect, reset, 5xx, timeout); then "
                         "--fallback-decode-only decides between a local prefill and an error")
     g.add_argument("--retry-backoff", type=float, default=0.05, help="sidecar: seconds before the first retry, doubled for each further one")
+    g.add_argument("--live-profile-max-age", type=float, default=30.0,
+                   help="sidecar: seconds a measured KV transfer stays in a peer's live profile (a link nobody uses is published no longer)")
     g.add_argument("--kv-block-tokens", type=int, default=16, help="sidecar: tokens per KV block, for the live per-peer transfer profiles")
     g = p.add_argument_group("instance health (see docs/backends.md)")
     d = HealthPolicy()
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_port=args.heartbeat_port, kv_load_failure_policy=args.kv_load_failure_policy,
             shared_storage_path=args.shared_storage_path, shared_storage_ttl=args.shared_storage_ttl,
             sidecar=args.sidecar, prefill_retries=args.prefill_retries, retry_backoff=args.retry_backoff, kv_block_tokens=args.kv_block_tokens,
+            live_profile_max_age=args.live_profile_max_age,
             allowlist=PrefillAllowlist(args.prefill_allow, args.endpoints_file) if args.sidecar else None,
             health=HealthPolicy(args.consecutive_failures, args.base_ejection, args.max_ejection, args.health_timeout, args.stall_timeout),
         ))

@@ -6,12 +6,16 @@ fitted to `latency + blocks × seconds_per_block` (least squares; through the or
 point has the same size) and the fit is published at log-spaced block counts, the shape of a
 `kv-bandwidth-profiler` profile, as `pdproxy_kv_transfer_profile_seconds{prefill="host:port"}`.
 The EPP reads it as the pair's *live* profile, ahead of any file. A short window is the point: a
-link degraded at run time shows within a few requests, not after an average has crept.
+link degraded at run time shows within a few requests, not after an average has crept. Points
+expire after `max_age` seconds: a link the EPP stopped using because it looked slow is published
+no longer, the EPP goes back to its file profile, tries the link again and measures it afresh.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from typing import Callable
 
 WINDOW = 8
 GRID = (1, 4, 16, 64, 256, 1024, 4096)  # block counts the fit is published at
@@ -19,9 +23,10 @@ MAX_PEERS = 256  # bounded by the allowlist anyway; the oldest peer is forgotten
 
 
 class LiveLinkProfiles:
-    def __init__(self, block_tokens: int = 16) -> None:
+    def __init__(self, block_tokens: int = 16, max_age: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.block_tokens = max(1, block_tokens)
-        self._points: OrderedDict[str, deque[tuple[int, float]]] = OrderedDict()
+        self.max_age, self.clock = max_age, clock
+        self._points: OrderedDict[str, deque[tuple[int, float, float]]] = OrderedDict()
 
     def observe(self, peer: str, prompt_tokens: int, seconds: float) -> None:
         if prompt_tokens <= 0 or seconds < 0:
@@ -33,7 +38,7 @@ class LiveLinkProfiles:
             while len(self._points) > MAX_PEERS:
                 self._points.popitem(last=False)
         self._points.move_to_end(peer)
-        pts.append((blocks, seconds))
+        pts.append((blocks, seconds, self.clock()))
 
     @staticmethod
     def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -54,9 +59,10 @@ class LiveLinkProfiles:
 
     def profiles(self) -> dict[str, list[tuple[int, float]]]:
         """{peer: [(blocks, seconds) at GRID]} for every peer measured."""
-        out = {}
+        out, oldest = {}, self.clock() - self.max_age
         for peer, pts in list(self._points.items()):
-            if pts:
-                latency, per_block = self.fit(list(pts))
+            fresh = [(b, s) for b, s, at in pts if at >= oldest]
+            if fresh:
+                latency, per_block = self.fit(fresh)
                 out[peer] = [(b, latency + per_block * b) for b in GRID]
         return out

@@ -70,6 +70,7 @@ class ProxyConfig:
     prefill_retries: int = 1  # sidecar: further attempts on the named prefill after a failed one
     retry_backoff: float = 0.05  # seconds before the first retry; doubled for each further one
     kv_block_tokens: int = 16  # tokens per KV block of the live per-peer profiles
+    live_profile_max_age: float = 30.0  # seconds a live link measurement is published
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,7 +121,7 @@ class PDProxy:
         self.tracker = HealthTracker(cfg.health, log=self._log_instance, on_suspect=self._check_soon)
         self.metrics.watch_instances(self.instance_views)
         if cfg.sidecar:
-            self.metrics.serve_sidecar(LiveLinkProfiles(cfg.kv_block_tokens), cfg.kv_block_tokens)
+            self.metrics.serve_sidecar(LiveLinkProfiles(cfg.kv_block_tokens, cfg.live_profile_max_age), cfg.kv_block_tokens)
         self.kv_load = KVLoadMonitor(self._kv_window, self._kv_transfer_counted)
         self._kv_reported = False  # the decode reports each request's KV wait itself (x-kv-transfer-seconds)
         self.pruner = StorePruner(cfg.shared_storage_path, cfg.shared_storage_ttl) if cfg.shared_storage_path else None

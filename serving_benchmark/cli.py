@@ -118,6 +118,7 @@ def pd_summary(stack, start_wall: float, degrade, timer, applied: list) -> dict:
     out = summarize_routes(routes(stack.epp_log, names, start_wall, time.time()), degrade, applied[0] if applied else None)
     if degrade is not None and applied:
         degrade_link(stack.workdir, degrade.prefill, degrade.decode, 1.0)
+        time.sleep(stack.topology.cluster.live_profile_max_age)  # the sidecars forget the degraded link before the next run
     return out
 
 
