@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}{hits}", flush=True)
             if "pd" in summary:
                 print(f"{'':28} routes {json.dumps(summary['pd']['routes'])}"
-                      + (f"  degraded {json.dumps(summary['pd']['degraded'])}" if "degraded" in summary["pd"] else ""), flush=True)
+                      + (f"  degraded {json.dumps({k: v for k, v in summary['pd']['degraded'].items() if k != 'timeline'})}"
+                         if "degraded" in summary["pd"] else ""), flush=True)
     finally:
         if stack is not None:
             stack.stop()

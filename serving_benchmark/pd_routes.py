@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 SETTLE_S = 3.0  # "after" counts from this long past the change: the requests already on their way are not the EPP's choice
+MOVED_SHARE = 0.05  # "moved off": from then on, at most this share of the requests still take the link
 
 
 @dataclass
@@ -87,5 +88,27 @@ def summarize_routes(taken: list[tuple[float, str]], degrade: Degrade | None = N
             "share_after": sum(r == degrade.route for r in after) / len(after) if after else None,
             "requests_after": len(after),
             "last_use_after_s": round(max(on_link_after) - degraded_at, 2) if on_link_after else 0.0,
+            "moved_off_after_s": moved_off(taken, degrade.route, degraded_at),
+            "timeline": timeline(taken, degrade.route, degraded_at),
         }
     return out
+
+
+def moved_off(taken: list[tuple[float, str]], route: str, at: float) -> float | None:
+    """Seconds after `at` from which at most MOVED_SHARE of the requests took `route` (None: never, to the run's end)."""
+    after = [(t - at, r == route) for t, r in taken if t >= at]
+    for i, (t, _) in enumerate(after):
+        rest = after[i:]
+        if sum(on for _, on in rest) <= MOVED_SHARE * len(rest):
+            return round(max(0.0, t), 2)
+    return None
+
+
+def timeline(taken: list[tuple[float, str]], route: str, at: float, step: float = 1.0) -> list[list[float]]:
+    """[[seconds after `at` (bin start), requests on `route`, all requests]] per `step`."""
+    bins: dict[int, list[int]] = {}
+    for t, r in taken:
+        b = bins.setdefault(int((t - at) // step), [0, 0])
+        b[0] += r == route
+        b[1] += 1
+    return [[k * step, v[0], v[1]] for k, v in sorted(bins.items())]
