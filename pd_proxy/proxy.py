@@ -322,7 +322,7 @@ class PDProxy:
                     break
                 prompt_tokens = _usage_prompt_tokens(reply) or prompt_tokens
                 m.prefill_seconds.observe(prefill_s)
-                if prefill_s > 0 and prefill_alone:
+                if prefill_s > 0 and prefill_alone and not self.cfg.sidecar:  # sidecar: that is the peer's speed, not this pod's
                     m.observe_prefill_speed(prompt_tokens / prefill_s)
                 if self.cfg.mode == "nixl":
                     decode_body = nixl.decode_body(body, nixl.transfer_params(reply))

@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 SETTLE_S = 3.0  # "after" counts from this long past the change: the requests already on their way are not the EPP's choice
-MOVED_SHARE = 0.05  # "moved off": from then on, at most this share of the requests still take the link
+MOVED_SHARE = 0.05  # "moved off": from then on, at most this share of the requests still take the link …
+MOVED_MIN_REQUESTS = 10  # … over at least this many requests (a run's last few say nothing)
 
 
 @dataclass
@@ -95,9 +96,10 @@ def summarize_routes(taken: list[tuple[float, str]], degrade: Degrade | None = N
 
 
 def moved_off(taken: list[tuple[float, str]], route: str, at: float) -> float | None:
-    """Seconds after `at` from which at most MOVED_SHARE of the requests took `route` (None: never, to the run's end)."""
+    """Seconds after `at` from which at most MOVED_SHARE of the (at least MOVED_MIN_REQUESTS) requests took `route`
+    (None: not before the run's last requests)."""
     after = [(t - at, r == route) for t, r in taken if t >= at]
-    for i, (t, _) in enumerate(after):
+    for i, (t, _) in enumerate(after[:max(0, len(after) - MOVED_MIN_REQUESTS + 1)]):
         rest = after[i:]
         if sum(on for _, on in rest) <= MOVED_SHARE * len(rest):
             return round(max(0.0, t), 2)
