@@ -718,7 +718,6 @@ def _upstream_error(text: bytes, status: int) -> tuple[str, str]:
     return text.decode("utf-8", "replace")[:500] or f"HTTP {status}", ""
 
 
-
 def _check_sidecar(cfg: ProxyConfig) -> None:
     if cfg.mode not in SIDECAR_MODES:
         raise ValueError(f"--sidecar works with --mode {' or '.join(SIDECAR_MODES)}: p2p-nccl's request id needs the prefill's KV "
