@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class Fabric(_Strict):
-    backend: Literal["nccl", "fs"]
+    backend: Literal["nccl", "fs", "pull"]  # pull: the simulator's NIXL read over TCP
     link_gbps: float = Field(0.0, ge=0)  # 0 = the real copy only
     link_latency_ms: float = Field(0.0, ge=0)
     kv_backend: str = ""  # the label recorded with the profile (nvlink, fs, ethernet, …)

@@ -18,10 +18,19 @@ class LinkModel:
     latency_s: float = 0.0
     _free_at: float = field(default=0.0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _base: float = field(default=0.0, repr=False)  # the bandwidth before any `scale`
 
     @classmethod
     def from_gbps(cls, gigabytes_per_s: float, latency_ms: float = 0.0) -> "LinkModel":
         return cls(gigabytes_per_s * 1e9, latency_ms / 1000.0)
+
+    def scale(self, factor: float) -> None:
+        """Run the link at `factor` × the bandwidth it was created with (a fabric degraded, or restored with 1)."""
+        if factor <= 0:
+            raise ValueError("a link's bandwidth factor must be > 0")
+        with self._lock:
+            self._base = self._base or self.bandwidth_bytes_per_s
+            self.bandwidth_bytes_per_s = self._base * factor
 
     @property
     def enabled(self) -> bool:

@@ -2,6 +2,10 @@
 
     epp-stack up [--profile proxy-performance]    start everything, print how to use it, Ctrl-C stops it
     epp-stack validate [--requests 60]             the seed's check: 60 concurrent chat requests, split by backend
+    epp-stack up --topology local_stack/topologies/seed-pd-cluster.yaml
+                                                   the seed's two-worker P/D cluster, llm-d's layout (EPP profile pd-pairing)
+    epp-stack degrade-link --workdir W prefill-a decode-b 0.1
+                                                   that cluster's link at 0.1× its bandwidth (1 restores it)
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ from local_stack.topology import load_topology
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="proxy-performance", help="EPP config profile (see `epp profiles list`)")
-    p.add_argument("--topology", default=None, help="YAML overriding pairs per backend, link speeds, model shape, latency model")
+    p.add_argument("--profile", default=None,
+                   help="EPP config profile (see `epp profiles list`) or an EndpointPickerConfig YAML file (default: pd-pairing for a "
+                        "topology with a cluster, else proxy-performance)")
+    p.add_argument("--topology", default=None,
+                   help="YAML overriding pairs per backend, link speeds, model shape, latency model; or describing a P/D cluster "
+                        "(nodes, pods, links: see local_stack/cluster.py)")
     p.add_argument("--engine", default=None, choices=("sim", "vllm"),
                    help="sim: vLLM simulators; vllm: real vLLM CPU servers with the tiny local model (make vllm-setup) "
                         "(default: the topology's, else sim)")
@@ -37,8 +45,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> LocalStack:
-    return LocalStack(load_topology(args.topology, args.engine), args.profile, args.workdir,
-                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port, envoy_admin=args.envoy_admin_port), args.body_mode)
+    topology = load_topology(args.topology, args.engine)
+    profile = args.profile or ("pd-pairing" if topology.cluster is not None else "proxy-performance")
+    return LocalStack(topology, profile, args.workdir,
+                      StackPorts(args.gateway_port, args.grpc_port, args.grpc_health_port, args.metrics_port, envoy_admin=args.envoy_admin_port),
+                      args.body_mode)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -136,8 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--requests", type=int, default=60, help="number of chat requests")
     v.add_argument("--concurrency", type=int, default=60, help="requests in flight at once")
     v.add_argument("--json", action="store_true", help="also print the result as JSON")
+    g = sub.add_parser("degrade-link", help="scale the bandwidth of one prefill -> decode link of a running cluster",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--workdir", default=".stack", help="the running stack's --workdir")
+    g.add_argument("prefill", help="prefill pod name")
+    g.add_argument("decode", help="decode pod name")
+    g.add_argument("factor", type=float, help="bandwidth factor (0.1 = ten times slower; 1 = as configured)")
     args = p.parse_args(argv)
+    if args.cmd == "degrade-link":
+        return degrade(args)
     return up(args) if args.cmd == "up" else validate(args)
+
+
+def degrade(args: argparse.Namespace) -> int:
+    from local_stack.cluster_stack import degrade_link
+
+    try:
+        print(f"[epp-stack] {args.prefill} -> {args.decode}: {degrade_link(args.workdir, args.prefill, args.decode, args.factor)}")
+        return 0
+    except (OSError, ValueError, KeyError) as e:
+        print(f"[epp-stack] cannot change the link: {e} (is a cluster stack running with --workdir {args.workdir}?)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

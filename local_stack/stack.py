@@ -95,6 +95,9 @@ class LocalStack:
         self.epp: Child | None = None
         self.epp_procs = ProcessGroup(self.logs)
         self.envoy: Child | None = None
+        self.pods: dict = {}  # cluster: pod name -> cluster_stack.PodInfo
+        self.epp_env: dict[str, str] = {}
+        self.epp_args: list[str] = []  # extra `epp serve` flags, e.g. --allow-experimental-plugins
 
     @property
     def envoy_config(self) -> Path:
@@ -132,18 +135,27 @@ class LocalStack:
         if not self.ports.kv_events:
             self.ports.kv_events = late_port()  # bound once the engines are up
         engine = vllm_pairs.prepare(self, progress) if t.engine == "vllm" else None
-        profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
         pending: list[tuple[Child, str]] = []
-        for backend in t.backends:
-            for i in range(backend.pairs):
-                prof = profiles.get(backend.label)
-                pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, late_port) if engine else self._start_pair(backend, i, prof))
+        if t.cluster is not None:
+            from local_stack.cluster_stack import start_cluster
+
+            pending = start_cluster(self, progress)
+        else:
+            profiles = self._profile_backends(progress) if t.profile_kv_transfer else {}
+            for backend in t.backends:
+                for i in range(backend.pairs):
+                    prof = profiles.get(backend.label)
+                    pending.extend(vllm_pairs.start_pair(self, engine, backend, i, prof, late_port) if engine
+                                   else self._start_pair(backend, i, prof))
         if engine:
             progress(f"{len(pending) * 2 // 3} vLLM servers starting (≈25–80 s each on two cores)")
         for child, url in pending:
             self.procs.wait_http(child, url, timeout=t.vllm.start_timeout if engine else 90)
-        progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
-        self.write_endpoints()
+        if t.cluster is not None:
+            progress("pods ready: " + ", ".join(f"{p.name} ({p.role}, {p.node}) :{p.endpoint_port}" for p in self.pods.values()))
+        else:
+            progress(f"{len(self.proxies)} proxies ready: " + ", ".join(f"{p.name} ({p.label}) :{p.port}" for p in self.proxies))
+            self.write_endpoints()
         self.start_epp(self.profile)
         self.start_gateway()
         progress(f"Envoy ready on {self.gateway_url} (ext_proc {self.body_mode}; admin and stats {self.envoy_admin_url}/stats)")
@@ -217,11 +229,12 @@ class LocalStack:
         """(Re)start only the EPP, e.g. to compare profiles on the same running backends."""
         self.stop_epp()
         self.profile = profile
+        config = ["--config-file", str(Path(profile).resolve())] if profile.endswith((".yaml", ".yml")) else ["--config-profile", profile]
         self.epp = self.epp_procs.start("epp", [
-            "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), "--config-profile", profile, "--secure-serving=false",
+            "epp.cli", "serve", "--endpoints-file", str(self.endpoints_file), *config, "--secure-serving=false",
             "--bind-address", "127.0.0.1", "--grpc-port", str(self.ports.grpc), "--grpc-health-port", str(self.ports.grpc_health),
-            "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity),
-        ], env={"EPP_PROFILES_DIR": str(self._epp_profiles())})
+            "--metrics-port", str(self.ports.metrics), "-v", str(self.epp_verbosity), *self.epp_args,
+        ], env={"EPP_PROFILES_DIR": str(self._epp_profiles()), **self.epp_env})
         self.epp_procs.wait_http(self.epp, f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=60)
         _wait_grpc_serving(self.epp, self.ports.grpc_health)
         if self.envoy is not None and self.envoy.proc.poll() is None:
@@ -247,12 +260,12 @@ class LocalStack:
 
     def reset_prefix_caches(self) -> None:
         """Empty every engine's prefix cache (vLLM's /reset_prefix_cache), so runs compared start alike."""
-        for p in self.proxies:
-            for port in (p.prefill_port, p.decode_port):
-                for _ in range(50):  # refused while a request still holds blocks: wait for it to finish
-                    if _reset_prefix_cache(port):
-                        break
-                    time.sleep(0.2)
+        ports = [port for p in self.proxies for port in (p.prefill_port, p.decode_port)] + [p.engine_port for p in self.pods.values()]
+        for port in ports:
+            for _ in range(50):  # refused while a request still holds blocks: wait for it to finish
+                if _reset_prefix_cache(port):
+                    break
+                time.sleep(0.2)
 
     def prefix_cache_counters(self) -> dict[str, float]:
         """Prompt tokens looked up and found in the prefill engines' prefix caches, summed (vllm:prefix_cache_*)."""
@@ -279,11 +292,13 @@ class LocalStack:
 
     def backend_of(self, served: str) -> str:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
-        return next((p.label for p in self.proxies if p.port == port), "unknown")
+        return next((p.label for p in self.proxies if p.port == port), None) or next(
+            (p.kv_backend for p in self.pods.values() if p.endpoint_port == port), "unknown")
 
     def name_of(self, served: str) -> str:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
-        return next((p.name for p in self.proxies if p.port == port), served)
+        return next((p.name for p in self.proxies if p.port == port), None) or next(
+            (p.name for p in self.pods.values() if p.endpoint_port == port), served)
 
 
 def _reset_prefix_cache(port: int) -> bool:

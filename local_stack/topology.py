@@ -20,6 +20,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from local_stack.cluster import Cluster
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -97,6 +99,7 @@ class Topology(Strict):
     latency: Latency = Latency()
     profile_kv_transfer: bool = True  # profile each backend at start and publish it through the proxies
     proxy_scrape_interval: float = Field(1.0, gt=0)  # how often each proxy re-reads its engines' vllm:* gauges (s)
+    cluster: Cluster | None = None  # a P/D cluster the llm-d way (pods + sidecars + links) instead of proxy pairs per backend
     backends: list[Backend] = [
         Backend(label="nvlink", transfer="nccl", proxy_name="vllm-p2p-proxy"),
         Backend(label="fs", transfer="fs", proxy_name="vllm-fs-proxy", link_gbps=0.01, link_latency_ms=5.0),
@@ -113,6 +116,8 @@ class Topology(Strict):
 
     @model_validator(mode="after")
     def _engine_fits(self):
+        if self.cluster is not None and self.engine != "sim":
+            raise ValueError("cluster: runs simulator engines (engine: sim); real vLLM runs the proxy pairs")
         for b in self.backends:
             if self.engine == "vllm" and b.transfer == "nccl":
                 raise ValueError(f"backend {b.label}: vLLM has no P2P NCCL connector any more; use transfer: nixl")

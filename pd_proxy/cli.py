@@ -9,6 +9,7 @@ from aiohttp import web
 
 from pd_proxy.instances import HealthPolicy
 from pd_proxy.nixl import FAILURE_POLICIES
+from pd_proxy.prefill_targets import PrefillAllowlist
 from pd_proxy.proxy import MODES, Instance, PDProxy, ProxyConfig
 
 
@@ -19,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, required=True,
                    help="vLLM KV connector protocol of the instances: nixl (NixlConnector), shared-storage (ExampleConnector), "
                         "p2p-nccl (P2pNcclConnector, vLLM before its removal in 2026-06)")
-    p.add_argument("--prefill", action="append", default=[], metavar="URL[=KV_ADDR]", help="a prefill instance (repeat for several)")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL[=KV_ADDR]", help="a prefill instance (repeat for several; none with --sidecar)")
     p.add_argument("--decode", action="append", default=[], metavar="URL[=KV_ADDR]", help="a decode instance (repeat for several)")
     p.add_argument("--kv-backend", default="", help="label value this proxy stands for (nvlink | fs), used in metrics")
     p.add_argument("--prefill-service", default="vllm-prefill", help="shared-storage: prefill name in request ids")
@@ -38,6 +39,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-storage-ttl", type=float, default=3600.0,
                    help="seconds a shared-storage entry is kept after it was written (vLLM reuses an entry without touching it)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between instance health/metrics reads")
+    g = p.add_argument_group("sidecar mode: the decode pod's sidecar, llm-d's layout (see docs/disaggregation.md)")
+    g.add_argument("--sidecar", action="store_true",
+                   help="serve one decode pod: --decode is the local vLLM; each request's prefill is the pod named in x-prefiller-host-port "
+                        "(first value; absent or empty: the decode prefills itself)")
+    g.add_argument("--endpoints-file", default=None,
+                   help="sidecar: the EPP's endpoints file; its pods labelled llm-d.ai/role prefill, prefill-decode or both are the "
+                        "prefill targets allowed (re-read when it changes)")
+    g.add_argument("--prefill-allow", action="append", default=[], metavar="HOST:PORT",
+                   help="sidecar: a prefill target allowed besides the endpoints file's (repeat); any other target is refused with 403")
+    g.add_argument("--prefill-retries", type=int, default=1,
+                   help="sidecar: further attempts on the named prefill after it failed (connect, reset, 5xx, timeout); then "
+                        "--fallback-decode-only decides between a local prefill and an error")
+    g.add_argument("--retry-backoff", type=float, default=0.05, help="sidecar: seconds before the first retry, doubled for each further one")
+    g.add_argument("--live-profile-max-age", type=float, default=30.0,
+                   help="sidecar: seconds a measured KV transfer stays in a peer's live profile (a link nobody uses is published no longer)")
+    g.add_argument("--kv-block-tokens", type=int, default=16, help="sidecar: tokens per KV block, for the live per-peer transfer profiles")
     g = p.add_argument_group("instance health (see docs/backends.md)")
     d = HealthPolicy()
     g.add_argument("--health-timeout", type=float, default=d.health_timeout, help="seconds an instance's /health (and /metrics) may take")
@@ -61,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             fallback_decode_only=args.fallback_decode_only, profile_file=args.profile_file, scrape_interval=args.scrape_interval,
             heartbeat_port=args.heartbeat_port, kv_load_failure_policy=args.kv_load_failure_policy,
             shared_storage_path=args.shared_storage_path, shared_storage_ttl=args.shared_storage_ttl,
+            sidecar=args.sidecar, prefill_retries=args.prefill_retries, retry_backoff=args.retry_backoff, kv_block_tokens=args.kv_block_tokens,
+            live_profile_max_age=args.live_profile_max_age,
+            allowlist=PrefillAllowlist(args.prefill_allow, args.endpoints_file) if args.sidecar else None,
             health=HealthPolicy(args.consecutive_failures, args.base_ejection, args.max_ejection, args.health_timeout, args.stall_timeout),
         ))
     except (ValueError, OSError) as e:
         print(f"pd-proxy: {e}", file=sys.stderr)
         return 2
-    print(f"pd-proxy {args.mode} ({args.kv_backend or '-'}) on http://{args.host}:{args.port}", flush=True)
+    role = " sidecar" if args.sidecar else ""
+    print(f"pd-proxy{role} {args.mode} ({args.kv_backend or '-'}) on http://{args.host}:{args.port}", flush=True)
     # handler_cancellation: a client that goes away cancels the handler, and with it both upstream legs
     web.run_app(proxy.app(), host=args.host, port=args.port, access_log=None, print=None, handler_cancellation=True)
     return 0

@@ -7,7 +7,7 @@ from collections import deque
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -38,7 +38,9 @@ class ProxyMetrics:
         self.e2e_seconds = hist("pdproxy_e2e_seconds", "End-to-end latency of successful requests.")
         self._prefill_tps = Gauge("pdproxy_prefill_tokens_per_second", "Measured prefill speed (median of recent unqueued prefills).", lb, registry=r)
         self._decode_spt = Gauge("pdproxy_decode_seconds_per_token", "Measured decode time per output token (median of recent).", lb, registry=r)
-        self._profile = Gauge("pdproxy_kv_transfer_profile_seconds", "Profiled KV transfer time by block count.", (*lb, "blocks"), registry=r)
+        self._static_profile: list[tuple[int, float]] = []
+        self.live_links = None  # sidecar mode: LiveLinkProfiles of the prefill peers
+        r.register(_ProfileCollector(self))
         self._block_tokens = Gauge("pdproxy_kv_block_tokens", "Tokens per KV block of the profile.", lb, registry=r)
         self._block_bytes = Gauge("pdproxy_kv_block_bytes", "Bytes per KV block of the profile.", lb, registry=r)
         self._vllm: dict[str, Gauge] = {
@@ -57,6 +59,19 @@ class ProxyMetrics:
         self._tps: deque[float] = deque(maxlen=SPEED_WINDOW)
         self._spt: deque[float] = deque(maxlen=SPEED_WINDOW)
         self._ratio: float | None = None
+
+    def serve_sidecar(self, live_links, block_tokens: int) -> None:
+        """Sidecar mode: per prefill peer, requests by outcome and the live link profile; refused targets by reason."""
+        r = self.registry
+        self.live_links = live_links
+        self._block_tokens.labels(self.kv_backend).set(block_tokens)
+        self.peer_requests = Counter("pdproxy_prefill_peer_requests",
+                                     "Prefill legs by peer (x-prefiller-host-port; empty: none named, the decode prefilled) and outcome: "
+                                     "ok, retried, failed, fallback (served decode-only), unavailable (peer down or ejected), local.",
+                                     ("kv_backend", "prefill", "outcome"), registry=r)
+        self.target_refused = Counter("pdproxy_prefill_target_refused",
+                                      "Requests refused because x-prefiller-host-port was malformed or named no prefill pod of the pool.",
+                                      ("kv_backend", "reason"), registry=r)
 
     def finished(self, status: str) -> None:
         self._requests.labels(self.kv_backend, status).inc()
@@ -81,8 +96,7 @@ class ProxyMetrics:
             self._recompute_ratio.labels(self.kv_backend).set(self._ratio)
 
     def publish_profile(self, profile: dict) -> None:
-        for point in profile.get("points", []):
-            self._profile.labels(self.kv_backend, str(point["blocks"])).set(point["seconds"])
+        self._static_profile = [(int(p["blocks"]), float(p["seconds"])) for p in profile.get("points", [])]
         self._block_tokens.labels(self.kv_backend).set(profile.get("block_tokens", 16))
         self._block_bytes.labels(self.kv_backend).set(profile.get("block_bytes", 0))
 
@@ -107,6 +121,24 @@ class ProxyMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ProfileCollector:
+    """pdproxy_kv_transfer_profile_seconds: the profiled backend's points and, in sidecar mode, each prefill peer's live fit."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.m = metrics
+
+    def collect(self):
+        fam = Metric("pdproxy_kv_transfer_profile_seconds",
+                     "KV transfer time by block count: the profile file's (no prefill label) and, per prefill peer, measured live.", "gauge")
+        for blocks, seconds in self.m._static_profile:
+            fam.add_sample(fam.name, {"kv_backend": self.m.kv_backend, "blocks": str(blocks)}, seconds)
+        if self.m.live_links is not None:
+            for peer, points in sorted(self.m.live_links.profiles().items()):
+                for blocks, seconds in points:
+                    fam.add_sample(fam.name, {"kv_backend": self.m.kv_backend, "prefill": peer, "blocks": str(blocks)}, seconds)
+        yield fam
 
 
 class _InstanceCollector:

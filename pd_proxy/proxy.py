@@ -30,10 +30,15 @@ from aiohttp import web
 from pd_proxy import nixl
 from pd_proxy.instances import HealthPolicy, HealthTracker, Instance, Leg
 from pd_proxy.kv_load import RATIO_EWMA, KVLoadMonitor, WindowResult
+from pd_proxy.link_profile import LiveLinkProfiles
 from pd_proxy.metrics import ProxyMetrics
+from pd_proxy.prefill_targets import HEADER as PREFILL_HEADER
+from pd_proxy.prefill_targets import PrefillAllowlist, TargetRefused, parse_target
 from pd_proxy.shared_storage import StorePruner
 
 MODES = ("nixl", "shared-storage", "p2p-nccl")
+SIDECAR_MODES = ("nixl", "shared-storage")  # p2p-nccl names the prefill's KV address, which a host:port header does not carry
+RETRYABLE = ("connect", "reset", "5xx", "timeout", "stall")
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a whole (non-streamed) answer is read before it is passed on
 __all__ = ["MODES", "Instance", "KVLoadFailure", "PDProxy", "ProxyConfig", "UpstreamError", "error_response"]
 
@@ -58,6 +63,14 @@ class ProxyConfig:
     kv_load_failure_policy: str = "recompute"  # nixl: a decode that failed loading KV is retried recomputing, or reported
     shared_storage_path: str | None = None  # shared-storage: the connector's directory, pruned (vLLM never cleans it)
     shared_storage_ttl: float = 3600.0
+    # sidecar mode (the decode pod's sidecar, llm-d's layout): the one decode is the local vLLM; each request's prefill
+    # is the pool pod named in x-prefiller-host-port, checked against `allowlist`
+    sidecar: bool = False
+    allowlist: PrefillAllowlist | None = None
+    prefill_retries: int = 1  # sidecar: further attempts on the named prefill after a failed one
+    retry_backoff: float = 0.05  # seconds before the first retry; doubled for each further one
+    kv_block_tokens: int = 16  # tokens per KV block of the live per-peer profiles
+    live_profile_max_age: float = 30.0  # seconds a live link measurement is published
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,7 +106,9 @@ class PDProxy:
     def __init__(self, cfg: ProxyConfig) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}")
-        if (not cfg.prefills or not cfg.decodes) and not cfg.heartbeat_port:
+        if cfg.sidecar:
+            _check_sidecar(cfg)
+        elif (not cfg.prefills or not cfg.decodes) and not cfg.heartbeat_port:
             raise ValueError("give at least one --prefill and one --decode instance, or --heartbeat-port for instances to register")
         if cfg.mode == "p2p-nccl":
             missing = [i.url for i in cfg.prefills + cfg.decodes if not i.kv_addr]
@@ -105,6 +120,8 @@ class PDProxy:
         self.metrics = ProxyMetrics(cfg.kv_backend or cfg.mode)
         self.tracker = HealthTracker(cfg.health, log=self._log_instance, on_suspect=self._check_soon)
         self.metrics.watch_instances(self.instance_views)
+        if cfg.sidecar:
+            self.metrics.serve_sidecar(LiveLinkProfiles(cfg.kv_block_tokens, cfg.live_profile_max_age), cfg.kv_block_tokens)
         self.kv_load = KVLoadMonitor(self._kv_window, self._kv_transfer_counted)
         self._kv_reported = False  # the decode reports each request's KV wait itself (x-kv-transfer-seconds)
         self.pruner = StorePruner(cfg.shared_storage_path, cfg.shared_storage_ttl) if cfg.shared_storage_path else None
@@ -169,11 +186,11 @@ class PDProxy:
     def _log_instance(self, inst: Instance, message: str) -> None:
         print(f"pd-proxy: {self._role(inst)} {inst.url} {message}", flush=True)
 
-    def request_id(self, p: Instance, d: Instance) -> str:
+    def request_id(self, p: Instance | None, d: Instance) -> str:
         if self.cfg.mode == "nixl":
             return uuid.uuid4().hex  # one id for both legs; vLLM answers with cmpl-<id>
         if self.cfg.mode == "p2p-nccl":
-            return f"___prefill_addr_{p.kv_addr}___decode_addr_{d.kv_addr}_{uuid.uuid4().hex}"
+            return f"___prefill_addr_{p.kv_addr if p else ''}___decode_addr_{d.kv_addr}_{uuid.uuid4().hex}"
         return f"___prefill_addr_{self.cfg.prefill_service}___decode_addr_{self.cfg.decode_service}_{uuid.uuid4().hex}"
 
     def prefill_body(self, body: dict) -> dict:
@@ -200,6 +217,8 @@ class PDProxy:
             m.finished("400")
             return error_response(400, "request body must be a JSON object", "BadRequestError")
         body.pop("kv_transfer_params", None)  # only the proxy names KV blocks and where to read them
+        if self.cfg.sidecar:
+            return await self._handle_sidecar(request, body)
         if not self.cfg.prefills or not self.cfg.decodes:
             m.finished("503")
             return error_response(503, "no prefill or decode instance registered yet", "ServiceUnavailable")
@@ -216,8 +235,48 @@ class PDProxy:
             except _DecodeRefused:
                 tried.append(d)  # nothing reached it: the whole request goes to another decode, if one is up
 
-    async def _serve(self, request: web.Request, body: dict, p: Instance | None, d: Instance) -> web.StreamResponse:
-        """One attempt: prefill (another prefill if this one refuses connections), then the decode leg."""
+    async def _handle_sidecar(self, request: web.Request, body: dict) -> web.StreamResponse:
+        """Sidecar mode: the prefill the EPP named (or none: the local decode prefills), then the local decode."""
+        m, t = self.metrics, self.tracker
+        try:
+            target = parse_target(request.headers.get(PREFILL_HEADER))
+            if target is not None:
+                assert self.cfg.allowlist is not None
+                self.cfg.allowlist.check(target)
+        except TargetRefused as e:
+            m.finished(str(e.status))
+            m.target_refused.labels(self.cfg.kv_backend or self.cfg.mode, "malformed" if e.status == 400 else "outside_pool").inc()
+            print(f"pd-proxy: refused a prefill target: {e}", flush=True)
+            return error_response(e.status, str(e), "PrefillTargetRefused")
+        d = self.cfg.decodes[0]
+        if not t.usable(d):
+            return self._unavailable("decode", self.cfg.decodes)
+        if target is None:
+            m.peer_requests.labels(m.kv_backend, "", "local").inc()
+            return await self._serve(request, body, None, d, local=True)
+        p = self._peer(target)
+        if not t.usable(p):
+            m.peer_requests.labels(m.kv_backend, p.address, "unavailable").inc()
+            if not self.cfg.fallback_decode_only:
+                m.finished("503")
+                return error_response(503, f"prefill {target} named by {PREFILL_HEADER} is not usable: {t.why_not([p])}",
+                                      "ServiceUnavailable")
+            return await self._serve(request, body, None, d)
+        return await self._serve(request, body, p, d)
+
+    def _peer(self, target: str) -> Instance:
+        """The prefill instance for an allowed host:port; created on first use, then health-checked like any instance."""
+        for inst in self.cfg.prefills:
+            if inst.address == target:
+                return inst
+        inst = Instance(f"http://{target}")
+        self.cfg.prefills.append(inst)
+        print(f"pd-proxy: prefill peer {target} in use", flush=True)
+        return inst
+
+    async def _serve(self, request: web.Request, body: dict, p: Instance | None, d: Instance, local: bool = False) -> web.StreamResponse:
+        """One attempt: prefill (another prefill if this one refuses connections; sidecar: the same one again, by the
+        retry policy), then the decode leg. `local`: no prefill was asked for, the decode computes the prompt."""
         m, t = self.metrics, self.tracker
         path = request.path
         m.in_flight.inc()
@@ -226,9 +285,10 @@ class PDProxy:
         t0 = time.monotonic()
         status = "cancelled"
         try:
-            rid = self.request_id(p or self.cfg.prefills[0], d)
+            rid = self.request_id(p or (self.cfg.prefills[0] if self.cfg.prefills else None), d)
             decode_headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
             decode_body, prompt_tokens = body, _prompt_tokens(body)
+            attempts, loaded_from = 0, None
             while p is not None:
                 prefill_alone = p.in_flight == 0  # only an unqueued prefill measures the instance's speed
                 t.acquire(p)
@@ -240,26 +300,40 @@ class PDProxy:
                 except UpstreamError as e:
                     if e.blame == "kv":
                         t.failed(d, "kv", e.message)  # the prefill is fine; its KV could not reach the decode
-                    other = t.pick(self.cfg.prefills, exclude=held) if e.blame == "connect" else None
+                    other = t.pick(self.cfg.prefills, exclude=held) if e.blame == "connect" and not self.cfg.sidecar else None
                     if other is not None:
                         p = other
                         continue
+                    if self.cfg.sidecar and e.blame in RETRYABLE and attempts < self.cfg.prefill_retries:
+                        attempts += 1
+                        m.peer_requests.labels(m.kv_backend, p.address, "retried").inc()
+                        print(f"pd-proxy: prefill {p.address} failed ({e.message}); retry {attempts} of {self.cfg.prefill_retries}", flush=True)
+                        await asyncio.sleep(self.cfg.retry_backoff * 2 ** (attempts - 1))
+                        continue
+                    if self.cfg.sidecar:
+                        m.peer_requests.labels(m.kv_backend, p.address, "fallback" if self.cfg.fallback_decode_only else "failed").inc()
                     if not self.cfg.fallback_decode_only:
                         status = str(e.status)
-                        return error_response(e.status, f"prefill failed on {p.url}: {e.message}", "PrefillError")
+                        tries = f" after {attempts + 1} attempts" if attempts else ""
+                        source = f" (named by {PREFILL_HEADER})" if self.cfg.sidecar else ""
+                        return error_response(e.status, f"prefill failed on {p.url}{source}{tries}: {e.message}", "PrefillError")
                     decode_headers["X-KV-Transfer"] = "none"  # decode computes the prompt itself
                     m.fallbacks.inc()
                     break
                 prompt_tokens = _usage_prompt_tokens(reply) or prompt_tokens
                 m.prefill_seconds.observe(prefill_s)
-                if prefill_s > 0 and prefill_alone:
+                if prefill_s > 0 and prefill_alone and not self.cfg.sidecar:  # sidecar: that is the peer's speed, not this pod's
                     m.observe_prefill_speed(prompt_tokens / prefill_s)
                 if self.cfg.mode == "nixl":
                     decode_body = nixl.decode_body(body, nixl.transfer_params(reply))
+                loaded_from = p
+                if self.cfg.sidecar:
+                    m.peer_requests.labels(m.kv_backend, p.address, "ok").inc()
                 break
             else:
-                decode_headers["X-KV-Transfer"] = "none"  # no healthy prefill: the fallback serves it decode-only
-                m.fallbacks.inc()
+                decode_headers["X-KV-Transfer"] = "none"  # no healthy prefill: the fallback serves it decode-only (or none asked for)
+                if not local:
+                    m.fallbacks.inc()
             try:
                 resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, decode_body, decode_headers, t0,
                                                                             prompt_tokens))
@@ -274,11 +348,15 @@ class PDProxy:
                       "retrying it on the decode, which computes the prompt", flush=True)
                 resp, status = await self._call(d, lambda leg: self._decode(request, d, leg, path, nixl.recompute_body(body), decode_headers,
                                                                             t0, prompt_tokens))
+                loaded_from = None
             except UpstreamError as e:
                 if e.blame == "connect" and t.pick(self.cfg.decodes, exclude=[d]) is not None:
                     status = "retried"
                     raise _DecodeRefused() from None
                 raise
+            kv_s = resp.headers.get("x-kv-transfer-seconds")
+            if loaded_from is not None and m.live_links is not None and kv_s and float(kv_s) > 0:
+                m.live_links.observe(loaded_from.address, prompt_tokens, float(kv_s))
             return resp
         except UpstreamError as e:
             status = str(e.status)
@@ -479,7 +557,10 @@ class PDProxy:
     async def health(self, request: web.Request) -> web.Response:
         """200 while a request can be served (a usable decode, and a usable prefill or the fallback); the instances' states."""
         usable = {role: any(self.tracker.usable(i) for i in instances) for role, instances in self._roles()}
-        ok = bool(self.cfg.prefills) and usable["decode"] and (usable["prefill"] or self.cfg.fallback_decode_only)
+        if self.cfg.sidecar:  # a request without a prefill target is always servable by the local decode
+            ok = usable["decode"]
+        else:
+            ok = bool(self.cfg.prefills) and usable["decode"] and (usable["prefill"] or self.cfg.fallback_decode_only)
         state = {role: {i.url: self.tracker.usable(i) for i in instances} for role, instances in self._roles()}
         return web.json_response({"healthy": ok, **state, "instances": self.instance_views()}, status=200 if ok else 503)
 
@@ -504,8 +585,8 @@ class PDProxy:
             await asyncio.sleep(self.cfg.scrape_interval)
 
     async def _scrape(self, role: str, index: int, inst: Instance) -> None:
-        if not await self._check_health(inst):
-            return
+        if not await self._check_health(inst) or (self.cfg.sidecar and role == "prefill"):
+            return  # sidecar: the peers are other pods the EPP scrapes itself; their load is not this pod's
         assert self.session is not None
         try:
             read_at = time.monotonic()
@@ -636,3 +717,18 @@ def _upstream_error(text: bytes, status: int) -> tuple[str, str]:
         pass
     return text.decode("utf-8", "replace")[:500] or f"HTTP {status}", ""
 
+
+def _check_sidecar(cfg: ProxyConfig) -> None:
+    if cfg.mode not in SIDECAR_MODES:
+        raise ValueError(f"--sidecar works with --mode {' or '.join(SIDECAR_MODES)}: p2p-nccl's request id needs the prefill's KV "
+                         f"address, which {PREFILL_HEADER} does not carry")
+    if len(cfg.decodes) != 1 or cfg.prefills:
+        raise ValueError("--sidecar takes exactly one --decode (the local vLLM) and no --prefill: each request's prefill is the pod "
+                         f"named in {PREFILL_HEADER}")
+    if cfg.allowlist is None or not cfg.allowlist.configured:
+        raise ValueError("--sidecar needs the pool's prefill pods to check the header against: give --endpoints-file "
+                         "(the EPP's) and/or --prefill-allow HOST:PORT")
+    if cfg.prefill_retries < 0:
+        raise ValueError("--prefill-retries must be 0 or more")
+    if cfg.heartbeat_port:
+        raise ValueError("--sidecar and --heartbeat-port do not go together: the EPP names the prefill")

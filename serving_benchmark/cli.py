@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--gateway", default=None, help="use a running gateway (e.g. http://127.0.0.1:18080) instead of starting the local stack")
     a("--profile", default="proxy-performance", help="EPP profile when not comparing (default: %(default)s)")
-    a("--compare-profiles", default=None, help="comma-separated profiles to run on the same workload (needs the local stack)")
+    a("--compare-profiles", default=None,
+      help="comma-separated profiles to run on the same workload (needs the local stack); an entry LABEL=FILE.yaml runs an "
+           "EndpointPickerConfig file (e.g. llm-d's published ones) under that label")
     a("--qps", default="10", help="request rate(s), comma-separated (default: %(default)s); ignored by burst")
     a("--distribution", default="poisson", help="burst | poisson | uniform, comma-separated (default: %(default)s)")
     a("--random_prompt_count", type=int, default=100, help="requests per run (default: %(default)s)")
@@ -56,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
       help="local stack engine: sim (simulators) or vllm (real vLLM CPU servers, make vllm-setup) (default: the topology's, else sim)")
     a("--workdir", default=".stack-bench", help="local stack working directory (default: %(default)s)")
     a("--gateway-port", type=int, default=18080, help="local stack gateway port (default: %(default)s)")
+    a("--allow-experimental-plugins", action="store_true",
+      help="start the EPP with --allow-experimental-plugins (llm-d's alpha topology-affinity plugins) (default: off)")
+    a("--degrade-link", default=None, metavar="PREFILL,DECODE,FACTOR,AT",
+      help="P/D cluster topology: in every run, scale that link's bandwidth by FACTOR AT seconds after the start (restored "
+           "after the run), and report how the traffic on it moved (default: off)")
     return p
 
 
@@ -99,6 +106,22 @@ def cache_hits(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried > 0 else 0.0}
 
 
+def pd_summary(stack, start_wall: float, degrade, timer, applied: list) -> dict:
+    """A P/D cluster run: the routes taken (the EPP's decision log) and, with a degraded link, how traffic left it; then the link is restored."""
+    from local_stack.cluster_stack import degrade_link
+    from serving_benchmark.pd_routes import routes, summarize_routes
+
+    if timer is not None:
+        timer.cancel()
+    time.sleep(0.5)  # the decision log's last lines
+    names = {f"127.0.0.1:{p.endpoint_port}": p.name for p in stack.pods.values()}
+    out = summarize_routes(routes(stack.epp_log, names, start_wall, time.time()), degrade, applied[0] if applied else None)
+    if degrade is not None and applied:
+        degrade_link(stack.workdir, degrade.prefill, degrade.decode, 1.0)
+        time.sleep(stack.topology.cluster.live_profile_max_age)  # the sidecars forget the degraded link before the next run
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from local_stack.processes import interrupt_on_termination
 
@@ -126,6 +149,17 @@ def _main(argv: list[str] | None = None) -> int:
         print("\nmedian over runs:\n" + aggregate(runs, args.output_dir, args.name, args.baseline))
         return 0
     profiles = [p.strip() for p in (args.compare_profiles or args.profile).split(",") if p.strip()]
+    configs = {p.partition("=")[0]: (p.partition("=")[2] or p) for p in profiles}  # label -> profile name or config file
+    profiles = list(configs)
+    degrade = None
+    if args.degrade_link:
+        from serving_benchmark.pd_routes import Degrade
+
+        try:
+            degrade = Degrade.parse(args.degrade_link)
+        except ValueError as e:
+            print(f"epp-bench: {e}", file=sys.stderr)
+            return 2
     scens = scenarios(args.distribution, args.qps)
     out = Path(args.output_dir)
     stack = None
@@ -143,8 +177,11 @@ def _main(argv: list[str] | None = None) -> int:
         try:
             topology = load_topology(args.topology, args.engine)
             args.model = args.model or topology.model
-            stack = LocalStack(topology, profiles[0], args.workdir,
+            if degrade is not None and topology.cluster is None:
+                raise ValueError("--degrade-link needs a topology with a P/D cluster (see local_stack/cluster.py)")
+            stack = LocalStack(topology, configs[profiles[0]], args.workdir,
                                StackPorts(args.gateway_port, free_port(), free_port(), free_port()))
+            stack.epp_args = ["--allow-experimental-plugins"] if args.allow_experimental_plugins else []
             stack.start(progress=lambda m: print(f"[epp-bench] {m}", flush=True))
         except (RuntimeError, TimeoutError, ValueError) as e:
             print(f"epp-bench: the local stack did not start: {e}", file=sys.stderr)
@@ -157,8 +194,8 @@ def _main(argv: list[str] | None = None) -> int:
         order = [(p, sc) for sc in scens for p in profiles] if args.interleave else [(p, sc) for p in profiles for sc in scens]
         warmed = None
         for profile, (dist, qps) in order:
-            if stack is not None and stack.profile != profile:
-                stack.start_epp(profile)
+            if stack is not None and stack.profile != configs[profile]:
+                stack.start_epp(configs[profile])
             if args.warmup and warmed != (profile, stack.epp if stack else None):
                 warm = build_workload(args.warmup, 0, "uniform", args.max_request_len, 8, args.seed + 1000)
                 asyncio.run(run_workload(url, args.model, [w for w in warm]))
@@ -168,9 +205,13 @@ def _main(argv: list[str] | None = None) -> int:
             if stack is not None:
                 stack.reset_prefix_caches()  # every run starts from cold engine caches
                 before = stack.prefix_cache_counters()
+            start_wall, applied = time.time(), []
+            timer = degrade.schedule(stack.workdir, start_wall, applied) if degrade is not None and stack is not None else None
             with progress(len(workload), desc=f"{profile} {scen}", unit="req", leave=False) as bar:
                 results, duration = asyncio.run(run_workload(url, args.model, workload, bar.update))
             summary = summarize(results, duration, backend_of, name_of)
+            if stack is not None and stack.pods:
+                summary["pd"] = pd_summary(stack, start_wall, degrade, timer, applied)
             if stack is not None:
                 summary["prefix_cache"] = cache_hits(before, stack.prefix_cache_counters())
             name = f"{args.name}_{profile}_{scen.replace('@', '_qps')}"
@@ -185,6 +226,10 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{profile:28} {scen:14} ok {summary['completed']}/{summary['requests']}  TTFT mean {t.get('mean', 0) * 1000:7.1f} ms "
                   f"p99 {t.get('p99', 0) * 1000:7.1f} ms  E2E mean {e.get('mean', 0) * 1000:7.1f} ms p99 {e.get('p99', 0) * 1000:7.1f} ms  "
                   f"split {json.dumps({k: v['count'] for k, v in summary['by_backend'].items()})}{hits}", flush=True)
+            if "pd" in summary:
+                print(f"{'':28} routes {json.dumps(summary['pd']['routes'])}"
+                      + (f"  degraded {json.dumps({k: v for k, v in summary['pd']['degraded'].items() if k != 'timeline'})}"
+                         if "degraded" in summary["pd"] else ""), flush=True)
     finally:
         if stack is not None:
             stack.stop()

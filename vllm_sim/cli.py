@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--heartbeat-interval", type=float, default=3.0, help="seconds between heartbeats")
     g.add_argument("--link-gbps", type=float, default=0.0, help="link model bandwidth in GB/s (0 = as fast as the copy)")
     g.add_argument("--link-latency-ms", type=float, default=0.0, help="link model latency")
+    g.add_argument("--peer-link", action="append", default=[], metavar="HOST:PORT=GBPS[,LATENCY_MS]",
+                   help="nixl decode: the link from the prefill whose KV server is HOST:PORT into this decode (repeat per peer); "
+                        "POST /admin/link {\"peer\": \"HOST:PORT\", \"bandwidth_factor\": F} scales it at run time")
     g.add_argument("--num-layers", type=int, default=4, help="model shape: layers")
     g.add_argument("--num-kv-heads", type=int, default=2, help="model shape: KV heads")
     g.add_argument("--head-dim", type=int, default=64, help="model shape: head dim")
@@ -96,6 +99,21 @@ def block_size(args: argparse.Namespace) -> int:
     return size
 
 
+def peer_links(specs: list[str]) -> dict[str, LinkModel]:
+    """`HOST:PORT=GBPS[,LATENCY_MS]` → {HOST:PORT: LinkModel}."""
+    out = {}
+    for spec in specs:
+        peer, _, rest = spec.partition("=")
+        gbps, _, latency = rest.partition(",")
+        try:
+            out[peer.strip()] = LinkModel.from_gbps(float(gbps), float(latency or 0.0))
+        except ValueError:
+            raise ValueError(f"--peer-link {spec!r}: expected HOST:PORT=GBPS[,LATENCY_MS], e.g. 127.0.0.1:7001=0.05,1") from None
+        if not peer or float(gbps) <= 0:
+            raise ValueError(f"--peer-link {spec!r}: needs a HOST:PORT and a bandwidth > 0")
+    return out
+
+
 def config_from(args: argparse.Namespace) -> SimConfig:
     events = KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
     if events is not None and not args.enable_prefix_caching:
@@ -110,7 +128,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
                              args.slow_factor, args.seed),
         kv=KVConfig(args.kv_backend, shape, args.host, args.kv_port, args.kv_dir, LinkModel.from_gbps(args.link_gbps, args.link_latency_ms)
                     if args.link_gbps else LinkModel(0.0, args.link_latency_ms / 1000), args.kv_timeout,
-                    link_timeout=args.kv_link_timeout, hold_timeout=args.kv_hold_timeout),
+                    link_timeout=args.kv_link_timeout, hold_timeout=args.kv_hold_timeout, peer_links=peer_links(args.peer_link)),
         faults=Faults(args.error_rate, args.hang_rate, args.die_after, args.hang_after, args.keep_alive_on_engine_death),
         seed=args.seed,
         default_max_tokens=args.max_tokens,

@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from kv_transfer import KVShape, KVTransferError, LinkModel, make_kv, verify_kv
@@ -68,6 +68,8 @@ class KVConfig:
     device: str = "cpu"
     link_timeout: float = 10.0  # nccl: connecting, and each step of a transfer under way
     hold_timeout: float = 480.0  # nixl prefill: blocks nobody read are freed after this (VLLM_NIXL_ABORT_REQUEST_TIMEOUT)
+    # nixl decode: the link from each prefill (its KV server's host:port) into this decode, on top of the prefill's own `link`
+    peer_links: dict[str, LinkModel] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,12 +169,19 @@ class KVSide:
             from kv_transfer.tcp_pull import PullError, pull
 
             rid = str(params.get("remote_request_id", ""))
+            started = time.time()
             try:
-                item = await pull(str(params.get("remote_host")), int(params.get("remote_port") or 0), rid, shape, self.cfg.timeout)
+                host, port = str(params.get("remote_host")), int(params.get("remote_port") or 0)
+                item = await pull(host, port, rid, shape, self.cfg.timeout)
                 await asyncio.to_thread(verify_kv, rid, item.layers, shape)
             except (PullError, ValueError, TypeError) as e:
                 raise KVLoadError(str(e)) from None
             nbytes = sum(t.numel() * t.element_size() for t in item.layers)
+            link = self.cfg.peer_links.get(f"{host}:{port}")
+            if link is not None and link.enabled:  # this pair's fabric: the bytes are not there before it delivers them
+                delay = link.schedule(nbytes, started) - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             return Loaded(prompt_tokens, time.monotonic() - t0, nbytes)
         if self.receiver is None:
             return Loaded(0, 0.0)

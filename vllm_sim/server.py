@@ -122,6 +122,7 @@ class Simulator:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.router.add_post("/admin/link", self.admin_link)
         app.on_startup.append(lambda _: self.kv.start())
         app.on_cleanup.append(lambda _: self.kv.close())
         return app
@@ -141,6 +142,23 @@ class Simulator:
         if not self.cache.reset():
             return self._error(409, "prefix cache not reset: running requests still hold blocks; retry when idle", "ConflictError")
         return web.Response(text="")
+
+    async def admin_link(self, request: web.Request) -> web.Response:
+        """The simulated fabric changes at run time: scale one peer link's bandwidth (1 restores it)."""
+        try:
+            body = await request.json()
+            peer, factor = str(body["peer"]), float(body["bandwidth_factor"])
+        except (ValueError, KeyError, TypeError):
+            return self._error(400, 'expected {"peer": "HOST:PORT", "bandwidth_factor": F}')
+        link = self.cfg.kv.peer_links.get(peer)
+        if link is None:
+            return self._error(404, f"no --peer-link for {peer}; known: {', '.join(sorted(self.cfg.kv.peer_links)) or 'none'}", "NotFound")
+        try:
+            link.scale(factor)
+        except ValueError as e:
+            return self._error(400, str(e))
+        print(f"vllm-sim: link from {peer} now {link.describe()}", flush=True)
+        return web.json_response({"peer": peer, "link": link.describe()})
 
     async def metrics(self, request: web.Request) -> web.Response:
         e = self.engine

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from local_stack.topology import load_topology
 
@@ -45,3 +46,28 @@ def test_real_vllm_engine_topology(tmp_path):
     t = load_topology(str(far))
     assert t.backends[0].latency.decode_ms_per_token == 30 and t.backends[1].latency is None
     assert "--speed-noise" in t.backends[0].latency.sim_flags()
+
+
+def test_a_cluster_topology_names_every_pairs_link_and_refuses_gaps():
+    seed = load_topology("local_stack/topologies/seed-pd-cluster.yaml").cluster
+    assert [p.name for p in seed.decodes] == ["decode-a", "decode-b"]
+    assert seed.link("prefill-a", "decode-a").kv_backend == "nvlink"
+    assert seed.link("prefill-b", "decode-b").kv_backend == "fs"
+    assert seed.link("prefill-a", "decode-b").kv_backend == "ethernet"
+    spec = seed.links_spec()["links"]
+    assert len(spec) == 4 and {e["backend"] for e in spec} == {"pull"}
+
+
+@pytest.mark.parametrize("cluster, message", [
+    ({"nodes": ["n1"], "pods": [{"name": "p", "node": "n1", "role": "prefill"}, {"name": "d", "node": "n2", "role": "decode"}]},
+     "node 'n2' is not in nodes"),
+    ({"nodes": ["n1", "n2"], "pods": [{"name": "p", "node": "n1", "role": "prefill"}, {"name": "d", "node": "n2", "role": "decode"}],
+      "node_links": {"n1": {"gbps": 1}}}, "give between_nodes"),
+    ({"nodes": ["n1"], "pods": [{"name": "p", "node": "n1", "role": "prefill"}, {"name": "q", "node": "n1", "role": "prefill"}]},
+     "at least one prefill and one decode"),
+])
+def test_cluster_mistakes_are_named(tmp_path, cluster, message):
+    f = tmp_path / "t.yaml"
+    f.write_text(yaml.safe_dump({"cluster": cluster}))
+    with pytest.raises(ValueError, match=message):
+        load_topology(str(f))
