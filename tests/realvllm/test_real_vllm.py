@@ -239,31 +239,37 @@ def test_prefix_cache_counters_and_reset(stack, served):
     assert stack.prefix_cache_counters()["hits"] == again["hits"], "the reset emptied the caches"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: real vLLM 0.32 CPU prefills started with --kv-events-config (zmq, connecting "
-                   "to the stack's port) publish no message a bound SUB receives; not yet understood")
-def test_prefill_kv_events_reach_the_stacks_port(stack, served):
-    """Each real prefill publishes its KV events to the stack's port under its proxy's topic (as to the EPP's zmqEndpoint)."""
-    import msgpack
-    import zmq
+def test_prefill_kv_events_reach_the_epps_subscriber(stack, served):
+    """Each real prefill publishes its KV events to the stack's port under its proxy's topic, and the EPP's own
+    subscriber (bound there, as with `kvEventsConfig.zmqEndpoint`) decodes them into its block index.
 
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.bind(f"tcp://127.0.0.1:{stack.ports.kv_events}")  # the prefills connect to it
+    The subscriber must be polling before the prompts are sent: a bound SUB socket sends its subscription to a
+    newly connected PUB only when its owner next touches it (libzmq attaches the pipe in the socket's own thread),
+    and a PUB drops every message no subscription matches. A SUB that only sleeps until the requests are done
+    receives nothing — what this test once did, which looked like vLLM publishing nothing.
+    """
+    from producers.kv_block_index import KVBlockIndex, TokenKeys
+    from producers.kv_events import EventApplier, EventsConfig, KVEventsSubscriber
+
+    applier = EventApplier(KVBlockIndex(), TokenKeys(block_size=BLOCK, algorithm="xxh64"))
+    sub = KVEventsSubscriber(applier, EventsConfig(zmq_endpoint=f"tcp://127.0.0.1:{stack.ports.kv_events}", discover_pods=False))
+    sub.start()
     try:
-        time.sleep(1.5)  # their reconnect interval
+        assert wait_until(lambda: sub.bound is not None, 10), "the subscriber did not bind the stack's KV-events port"
+        time.sleep(1.5)  # the prefills reconnect (100 ms) and the polling subscriber sends them its subscription
         asyncio.run(_send_all(stack.gateway_url, _requests(seed=6, sizes=(150, 150)), concurrency=1, header=True))
-        topics, stored = set(), 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(topics) < 2:
-            if sub.poll(500):
-                topic, _seq, payload = sub.recv_multipart()
-                topics.add(topic.decode())
-                batch = msgpack.unpackb(payload)
-                stored += sum(1 for e in batch[1] if (e.get("type") if isinstance(e, dict) else e[0]) == "BlockStored")
-        assert topics == {f"kv@127.0.0.1:{p.port}@tiny-llama" for p in stack.proxies}, topics
-        assert stored >= 2
+        pods = {p.label: f"127.0.0.1:{p.port}" for p in stack.proxies}  # one fresh 4-block prompt to each pair's prefill
+        wait_until(lambda: set(applier.last_seq) >= set(pods.values()), 10)
+        heard = (applier.last_seq, len(applier.index), applier.messages)
+        assert pods["fs"] in applier.last_seq and len(applier.index) >= 4, heard  # the shared-storage prefill, decoded
+        assert set(applier.last_seq) <= set(pods.values()), "every prefill names its pair's proxy, the EPP's endpoint, in its topic"
+        assert applier.malformed == 0 and applier.restarts == 0, (applier.malformed, applier.restarts)
+        if pods["nvlink"] not in applier.last_seq:
+            pytest.xfail("known gap: the NIXL prefill's events did not reach the subscriber in the run that found the "
+                         f"subscription cause (the shared-storage prefill's did); not yet understood: {heard}")
+        assert len(applier.index) >= 2 * 4, heard
     finally:
-        sub.close(linger=0)
+        sub.stop()
 
 
 def test_a_decode_that_recomputes_is_reported(stack, served, reference, tmp_path):
