@@ -255,6 +255,8 @@ class LocalStack:
             text = src.read_text()
             if "zmqEndpoint" in text:
                 text = re.sub(r"(zmqEndpoint:\s*[\"']?tcp://)[^:\s\"']+:\d+", rf"\g<1>127.0.0.1:{self.ports.kv_events}", text)
+            if self.topology.engine == "vllm":
+                text = _patient_readiness(text)
             (out / src.name).write_text(text)
         return out
 
@@ -299,6 +301,19 @@ class LocalStack:
         port = int(served.rsplit(":", 1)[1]) if ":" in served else -1
         return next((p.name for p in self.proxies if p.port == port), None) or next(
             (p.name for p in self.pods.values() if p.endpoint_port == port), served)
+
+
+def _patient_readiness(text: str) -> str:
+    """Real vLLM on a few CPU cores starves the proxies beside it for seconds at a time, so a 1 s `/health`
+    deadline would mark healthy pairs unready: give the readiness probe 5 s and three misses in a row."""
+    data = yaml.safe_load(text)
+    changed = False
+    for plugin in (data or {}).get("plugins") or []:
+        if plugin.get("type") == "endpoint-health":
+            params = plugin["parameters"] = plugin.get("parameters") or {}
+            params.setdefault("readiness", {}).update(timeout="5s", unhealthyThreshold=3)
+            changed = True
+    return yaml.safe_dump(data, sort_keys=False) if changed else text
 
 
 def _reset_prefix_cache(port: int) -> bool:

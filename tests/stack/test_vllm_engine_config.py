@@ -70,3 +70,22 @@ def test_prefix_cache_reset_is_retried_while_blocks_are_held():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_real_engine_stack_gives_readiness_probes_time(tmp_path):
+    """Real vLLM on two cores starves the proxies for seconds: the stack's profiles wait 5 s, three misses in a row."""
+    import yaml
+
+    from epp.config.loader import build, resolve_config
+    from local_stack.stack import LocalStack, StackPorts
+    from local_stack.topology import load_topology
+
+    stacks = {engine: LocalStack(load_topology(None, engine), "default", tmp_path / engine, StackPorts(1, 2, 3, 4, kv_events=5))
+              for engine in ("sim", "vllm")}
+    for engine, stack in stacks.items():
+        for name in ("default", "proxy-performance", "predicted-latency"):
+            path = stack._epp_profiles() / f"{name}.yaml"
+            health = next(p for p in yaml.safe_load(path.read_text())["plugins"] if p["type"] == "endpoint-health")
+            readiness = health["parameters"]["readiness"]
+            assert (readiness["timeout"], readiness.get("unhealthyThreshold")) == (("5s", 3) if engine == "vllm" else ("1s", None))
+            build(resolve_config(config_file=str(path)))  # still a valid config
