@@ -126,7 +126,7 @@ def test_instances_register_by_heartbeat(procs, tmp_path):
     p = procs.start("prefill", ["vllm_sim.cli", "--role", "prefill", "--port", str(http_p), "--kv-port", str(kv_p), *kv])
     procs.wait_http(d, f"http://127.0.0.1:{http_d}/health")
     procs.wait_http(p, f"http://127.0.0.1:{http_p}/health")
-    procs.wait_http(x, f"http://127.0.0.1:{proxy_port}/health", timeout=30)  # healthy once both registered
+    procs.wait_http(x, f"http://127.0.0.1:{proxy_port}/health", timeout=60)  # healthy once both registered (slow when loaded)
     r = completion(f"http://127.0.0.1:{proxy_port}")
     assert r.status_code == 200, r.text
     m = P2P_ID.match(r.json()["id"])
