@@ -157,7 +157,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="(deprecated GIE flag) skip TLS verification when scraping over https")
     for flag, default in DEPRECATED_METRIC_FLAGS.items():
         g.add_argument("--" + flag.replace("_", "-"), default=default,
-                       help=f"(deprecated) only vLLM's name is read here; any other value is an error (llm-d: use engineConfigs)")
+                       help="(deprecated) only vLLM's name is read here; any other value is an error (llm-d: use engineConfigs)")
     g = p.add_argument_group("high availability")
     _bool_flag(g, "--ha-enable-leader-election", False, "replicas elect a leader on a Kubernetes Lease; only the leader is ready")
     g.add_argument("--leader-election-lease-duration", type=_duration, default="15s", help="how long a lease is valid without renewal")
@@ -213,7 +213,7 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     if args.tls_min_version in ("VersionTLS10", "VersionTLS11"):
         warnings.append(f"--tls-min-version={args.tls_min_version}: gRPC here never negotiates below TLS 1.2")
     if args.refresh_metrics_interval < 0.05:
-        warnings.append(f"--refresh-metrics-interval below the 50ms minimum; using 50ms")
+        warnings.append("--refresh-metrics-interval below the 50ms minimum; using 50ms")
         args.refresh_metrics_interval = 0.05
     return warnings
 

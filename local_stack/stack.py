@@ -256,7 +256,7 @@ class LocalStack:
             if "zmqEndpoint" in text:
                 text = re.sub(r"(zmqEndpoint:\s*[\"']?tcp://)[^:\s\"']+:\d+", rf"\g<1>127.0.0.1:{self.ports.kv_events}", text)
             if self.topology.engine == "vllm":
-                text = _patient_readiness(text)
+                text = _patient_health(text, self.topology.vllm)
             (out / src.name).write_text(text)
         return out
 
@@ -303,15 +303,17 @@ class LocalStack:
             (p.name for p in self.pods.values() if p.endpoint_port == port), served)
 
 
-def _patient_readiness(text: str) -> str:
-    """Real vLLM on a few CPU cores starves the proxies beside it for seconds at a time, so a 1 s `/health`
-    deadline would mark healthy pairs unready: give the readiness probe 5 s and three misses in a row."""
+def _patient_health(text: str, v) -> str:
+    """Real vLLM on a few CPU cores starves the proxies beside it and is slow to a first token: the profiles'
+    readiness deadline becomes the engine's `health_timeout` (three misses in a row) and the first-byte and
+    stream-idle watchdogs its `first_byte_timeout`, so healthy but busy pairs are neither unready nor ejected."""
     data = yaml.safe_load(text)
     changed = False
     for plugin in (data or {}).get("plugins") or []:
         if plugin.get("type") == "endpoint-health":
             params = plugin["parameters"] = plugin.get("parameters") or {}
-            params.setdefault("readiness", {}).update(timeout="5s", unhealthyThreshold=3)
+            params.setdefault("readiness", {}).update(timeout=f"{v.health_timeout:g}s", unhealthyThreshold=3)
+            params.update(firstByteTimeout=f"{v.first_byte_timeout:g}s", streamIdleTimeout=f"{v.first_byte_timeout:g}s")
             changed = True
     return yaml.safe_dump(data, sort_keys=False) if changed else text
 

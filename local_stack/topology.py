@@ -65,6 +65,10 @@ class VllmEngine(Strict):
     kv_cache_memory_bytes: int = Field(128 * 2**20, ge=16 * 2**20)
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"  # the decodes' own policy (vLLM's default: fail)
     start_timeout: float = 300.0
+    # vLLM on a few CPU cores answers /health late and takes long to a first token while it serves others:
+    # the proxies' and the EPP's health deadlines for the real engine (the simulator keeps the shipped ones)
+    health_timeout: float = Field(10.0, gt=0)  # an engine's /health (proxy) and a proxy's /health (EPP readiness), s
+    first_byte_timeout: float = Field(120.0, gt=0)  # the EPP's first-byte watchdog and the proxy's stall deadline, s
 
     @field_validator("block_size")
     @classmethod

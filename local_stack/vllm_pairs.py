@@ -60,7 +60,9 @@ def start_pair(stack: "LocalStack", engine: VllmCpu, b: "Backend", i: int, profi
     prof = ["--profile-file", str(profile)] if profile else []
     x = stack.procs.start(name, ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(proxy_port), *mode, "--kv-backend", b.label,
                                  "--prefill", f"http://127.0.0.1:{http_p}", "--decode", f"http://127.0.0.1:{http_d}", *prof,
-                                 "--scrape-interval", str(stack.topology.proxy_scrape_interval)])
+                                 "--scrape-interval", str(stack.topology.proxy_scrape_interval),
+                                 "--health-timeout", str(stack.topology.vllm.health_timeout),
+                                 "--stall-timeout", str(stack.topology.vllm.first_byte_timeout)])
     from local_stack.stack import ProxyInfo
 
     stack.proxies.append(ProxyInfo(name, b.label, proxy_port, http_p, http_d))

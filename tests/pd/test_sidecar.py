@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from local_stack.processes import ProcessGroup
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = "The quick brown fox " * 100  # 500 tokens: 32 KV blocks of 16 tokens, 1 MiB in the default shape

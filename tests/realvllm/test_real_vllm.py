@@ -279,7 +279,7 @@ def test_a_decode_that_recomputes_is_reported(stack, served, reference, tmp_path
     port = free_port()
     try:
         proxy = group.start("wrong-proxy", ["pd_proxy.cli", "--host", "127.0.0.1", "--port", str(port), "--mode", "shared-storage",
-                                            "--kv-backend", "nvlink", "--scrape-interval", "0.3",
+                                            "--kv-backend", "nvlink", "--scrape-interval", "0.3", "--health-timeout", "10",
                                             "--prefill", f"http://127.0.0.1:{nixl.prefill_port}", "--decode", f"http://127.0.0.1:{nixl.decode_port}"])
         group.wait_http(proxy, f"http://127.0.0.1:{port}/health", timeout=60)
         time.sleep(1.0)  # one read of the decode's counters first
@@ -288,7 +288,7 @@ def test_a_decode_that_recomputes_is_reported(stack, served, reference, tmp_path
         want = [r["text"] for r in asyncio.run(_send_all(reference[2], reqs, concurrency=1, header=False))]
         assert [g["text"] for g in got] == want, "recomputing gives the same greedy output — which is why it must be detected"
         url = f"http://127.0.0.1:{port}/metrics"
-        assert wait_until(lambda: _metric(httpx.get(url).text, r'pdproxy_kv_recomputed_requests_total\{kv_backend="nvlink"\}') == 3, 10)
+        assert wait_until(lambda: _metric(httpx.get(url).text, r'pdproxy_kv_recomputed_requests_total\{kv_backend="nvlink"\}') == 3, 30)
         assert _metric(httpx.get(url).text, r'pdproxy_kv_recompute_ratio\{kv_backend="nvlink"\}') > 0.5
         assert "instead of loading their KV" in proxy.log_path.read_text()
     finally:

@@ -73,7 +73,7 @@ def test_prefix_cache_reset_is_retried_while_blocks_are_held():
 
 
 def test_real_engine_stack_gives_readiness_probes_time(tmp_path):
-    """Real vLLM on two cores starves the proxies for seconds: the stack's profiles wait 5 s, three misses in a row."""
+    """Real vLLM on two cores starves the proxies for seconds: the stack's profiles wait 10 s (three misses) and 120 s for a first byte."""
     import yaml
 
     from epp.config.loader import build, resolve_config
@@ -87,5 +87,6 @@ def test_real_engine_stack_gives_readiness_probes_time(tmp_path):
             path = stack._epp_profiles() / f"{name}.yaml"
             health = next(p for p in yaml.safe_load(path.read_text())["plugins"] if p["type"] == "endpoint-health")
             readiness = health["parameters"]["readiness"]
-            assert (readiness["timeout"], readiness.get("unhealthyThreshold")) == (("5s", 3) if engine == "vllm" else ("1s", None))
+            assert (readiness["timeout"], readiness.get("unhealthyThreshold")) == (("10s", 3) if engine == "vllm" else ("1s", None))
+            assert health["parameters"]["firstByteTimeout"] == ("120s" if engine == "vllm" else "15s")
             build(resolve_config(config_file=str(path)))  # still a valid config
