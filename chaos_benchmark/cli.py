@@ -195,14 +195,9 @@ def _run_profile(stack, args, profile: str, schedule: list[fx.Fault]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from local_stack.processes import interrupt_on_termination
+    from local_stack.processes import run_stopping_children_on_termination
 
-    interrupt_on_termination()  # `kill` stops the stacks this command started, as Ctrl-C does
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("epp-chaos: interrupted; every process it started is stopped", file=sys.stderr)
-        return 130
+    return run_stopping_children_on_termination("epp-chaos", lambda: _main(argv))  # `kill` stops its stacks, as Ctrl-C does
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 
 @dataclass
@@ -109,13 +109,17 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def interrupt_on_termination() -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so a command's `finally` stops its children.
-
-    Without it a benchmark killed by `kill` or a closed terminal leaves its whole stack running.
-    """
+def run_stopping_children_on_termination(command: str, main: Callable[[], int]) -> int:
+    """Runs a command's `main` with SIGTERM and SIGHUP raising KeyboardInterrupt, as Ctrl-C does, so its
+    `finally` stops the children it started; without it a benchmark killed by `kill` or a closed terminal
+    leaves its whole stack running. Exits 130 on any of the three."""
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130

@@ -123,14 +123,9 @@ def pd_summary(stack, start_wall: float, degrade, timer, applied: list) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from local_stack.processes import interrupt_on_termination
+    from local_stack.processes import run_stopping_children_on_termination
 
-    interrupt_on_termination()  # `kill` stops the stacks this command started, as Ctrl-C does
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("epp-bench: interrupted; every process it started is stopped", file=sys.stderr)
-        return 130
+    return run_stopping_children_on_termination("epp-bench", lambda: _main(argv))  # `kill` stops its stacks, as Ctrl-C does
 
 
 def _main(argv: list[str] | None = None) -> int:

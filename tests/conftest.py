@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from typing import Callable
 
+import httpx
 import pytest
 
 
@@ -24,6 +26,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def metric_total(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples at `url` whose labels include `labels` (0 when there are none)."""
+    text = httpx.get(url, timeout=10).text
+    total = 0.0
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ One decode simulator and two sidecars in front of it (one failing on a dead pref
 back to a local prefill); prefill pods A (the endpoints file), B (--prefill-allow) and a flaky F.
 """
 
-import re
 import socket
 import threading
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from local_stack.processes import ProcessGroup
-from tests.conftest import free_port
+from tests.conftest import free_port, metric_total
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = "The quick brown fox " * 100  # 500 tokens: 32 KV blocks of 16 tokens, 1 MiB in the default shape
@@ -62,13 +61,7 @@ def post(pod, sidecar="strict", target=None, prompt=PROMPT):
 
 
 def counter(base, name, **labels):
-    text = httpx.get(f"{base}/metrics").text
-    total = 0.0
-    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    return metric_total(f"{base}/metrics", name, **labels)
 
 
 def test_the_named_prefill_runs_the_prefill_leg_and_the_decode_loads_its_kv(pod):

@@ -5,7 +5,6 @@ the pair's link → the decode engine; the decision log shows both picks.
 """
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from local_stack.stack import LocalStack, StackPorts
 from local_stack.topology import load_topology
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, metric_total, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "local_stack" / "topologies" / "seed-pd-cluster.yaml"
@@ -39,13 +38,7 @@ def decisions(stack):
 
 
 def counter(port, name, **labels):
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    total = 0.0
-    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    return metric_total(f"http://127.0.0.1:{port}/metrics", name, **labels)
 
 
 def test_the_cluster_files_describe_the_pods_and_their_links(cluster):

@@ -11,18 +11,20 @@ from tests.conftest import wait_until
 
 COMMAND = textwrap.dedent("""
     import sys, time
-    from local_stack.processes import ProcessGroup, interrupt_on_termination
+    from local_stack.processes import ProcessGroup, run_stopping_children_on_termination
 
-    interrupt_on_termination()
-    group = ProcessGroup(sys.argv[1])
-    try:
-        child = group.start("sleeper", ["http.server", "--bind", "127.0.0.1", "0"])
-        print(child.proc.pid, flush=True)
-        time.sleep(60)
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-    finally:
-        group.stop()
+    def main():
+        group = ProcessGroup(sys.argv[1])
+        try:
+            child = group.start("sleeper", ["http.server", "--bind", "127.0.0.1", "0"])
+            print(child.proc.pid, flush=True)
+            time.sleep(60)
+            return 0
+        finally:
+            group.stop()
+            print("stopped", flush=True)
+
+    sys.exit(run_stopping_children_on_termination("sleeper-command", main))
 """)
 
 
@@ -43,8 +45,8 @@ def test_sigterm_stops_the_children(tmp_path):
         assert _alive(child)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        assert proc.stdout.readline().strip() == "interrupted"
-        assert proc.wait(timeout=30) == 0
+        assert proc.stdout.readline().strip() == "stopped"
+        assert proc.wait(timeout=30) == 130
         assert wait_until(lambda: not _alive(child), timeout=10)
     finally:
         proc.kill()
